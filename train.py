@@ -1,0 +1,144 @@
+"""Train the notebook's U-Net on a DSB2018 folder and keep the best model by val_loss.
+
+python train.py                                   # the bundled sample
+python train.py --train-dir ../shared/data/dsb2018/stage1_train
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import config
+import data
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
+                        help="DSB2018 folder of <id>/images and <id>/masks")
+    parser.add_argument("--epochs", type=int, default=config.EPOCHS)
+    parser.add_argument("--batch-size", type=int, default=config.BATCH_SIZE,
+                        help="global batch size (split across devices with --distribute)")
+    parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
+                        help="best model (.keras); its history goes next to it")
+    parser.add_argument("--seed", type=int, default=config.SEED,
+                        help="seeds Python, NumPy and TensorFlow: same seed, same run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last finished epoch")
+    parser.add_argument("--no-cache", action="store_true",
+                        help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
+    parser.add_argument("--distribute", action="store_true",
+                        help="train on all GPUs with MirroredStrategy")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="compute in float16 (GPU) or bfloat16 (CPU), keep weights in float32")
+    return parser.parse_args(argv)
+
+
+def history_paths(model_path):
+    return model_path.with_suffix(".history.csv"), model_path.with_suffix(".history.png")
+
+
+def backup_dir(model_path):
+    return model_path.with_suffix(".backup")
+
+
+def plot_history(csv_path, png_path):
+    """Learning curves from the history CSV (all epochs, resumed runs included)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    history = pd.read_csv(csv_path).drop_duplicates("epoch", keep="last")
+    epochs = history["epoch"] + 1
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in ((ax_loss, "loss"), (ax_iou, "my_iou_metric")):
+        ax.plot(epochs, history[name], "o-", label="train")
+        ax.plot(epochs, history[f"val_{name}"], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except data.InputError as error:
+        sys.exit(f"error: {error}")
+
+
+def train(args):
+    model_path = args.model_path
+    if model_path.suffix != ".keras":
+        raise data.InputError(f"{model_path}: the model path must end in .keras")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    backup = backup_dir(model_path)
+    if backup.exists() and not args.resume:
+        raise data.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
+                              "or delete the folder to start over")
+
+    X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
+    print(f"X_train {X.shape} {X.dtype}, Y_train {Y.shape} {Y.dtype}, "
+          f"nucleus pixels {Y.mean():.1%}")
+    # The notebook's validation_split: Keras takes the validation images from the end.
+    split = data.split_index(len(X), args.train_dir)
+    X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
+    print(f"{len(X_train)} training and {len(X_val)} validation images")
+
+    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
+    import keras
+    import tensorflow as tf
+
+    import unet
+
+    partial = unet.partial_path(model_path)
+    if partial.exists():
+        print(f"Removing {partial}, left by a run killed while saving")
+        partial.unlink()
+    keras.utils.set_random_seed(args.seed)
+    if args.mixed_precision:
+        gpus = tf.config.list_logical_devices("GPU")
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
+    if args.distribute:
+        # All GPUs; on a machine without them, all (logical) CPU devices.
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        print(f"Training on {strategy.num_replicas_in_sync} devices")
+    else:
+        strategy = tf.distribute.get_strategy()
+
+    best = math.inf
+    if model_path.exists():
+        # The best model so far is only replaced by a better one, in this run or a resumed one.
+        best = float(unet.load_unet(model_path).evaluate(X_val, Y_val, verbose=0)[0])
+        print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
+
+    with strategy.scope():
+        model = unet.build_unet()
+    model.summary()
+
+    csv_path, png_path = history_paths(model_path)
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.PATIENCE, verbose=1,
+                                      restore_best_weights=True),
+        unet.BestCheckpoint(model_path, best),
+        keras.callbacks.CSVLogger(csv_path, append=args.resume),
+        # Saved every epoch and deleted when training ends normally; keeps two copies so that a
+        # kill while saving the backup leaves the previous one.
+        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
+    ]
+    model.fit(X_train, Y_train, validation_data=(X_val, Y_val), batch_size=args.batch_size,
+              epochs=args.epochs, shuffle=True, callbacks=callbacks)
+    if csv_path.exists():
+        plot_history(csv_path, png_path)
+        print(f"History: {csv_path}, {png_path}")
+
+
+if __name__ == "__main__":
+    main()
