@@ -23,6 +23,7 @@ No TensorFlow here, so the data tests and `--help` stay fast.
 import hashlib
 import os
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def _read_cache(path, fingerprint):
             if str(cached["fingerprint"]) != fingerprint:
                 return None
             return {name: cached[name] for name in cached.files}
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         warnings.warn(f"{path}: damaged cache ignored and rebuilt ({error})", stacklevel=3)
         return None
 

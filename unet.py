@@ -33,9 +33,10 @@ def conv_block(x, filters, dropout):
     return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
-def build_unet(input_shape=(config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)):
-    """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does."""
-    inputs = keras.Input(input_shape)
+def build_unet(input_shape=None):
+    """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
+    The input shape defaults to config's image size, read at call time."""
+    inputs = keras.Input(input_shape or (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS))
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs)
     skips = []

@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import config
+import predict
+import train
+from tests.conftest import make_dsb_tree
+
+
+def rle_decode(encoded, shape):
+    pixels = np.zeros(shape[0] * shape[1], bool)
+    numbers = [int(n) for n in encoded.split()]
+    for start, length in zip(numbers[::2], numbers[1::2]):
+        pixels[start - 1:start - 1 + length] = True
+    return pixels.reshape(shape[1], shape[0]).T
+
+
+def test_rle_numbers_pixels_down_then_right_from_one():
+    mask = np.array([[0, 1, 1],
+                     [0, 1, 0],
+                     [1, 0, 0]], bool)
+    # Column-major, 1-based: pixels 3 (column 0), 4 and 5 (column 1) form one run, as in the
+    # Kaggle kernel, which does not break runs at column ends; then pixel 7 (column 2).
+    assert predict.rle_encoding(mask) == "3 3 7 1"
+    assert predict.rle_encoding(np.zeros((3, 3), bool)) == ""
+
+
+def test_rle_round_trip():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 23)) < 0.4
+    assert np.array_equal(rle_decode(predict.rle_encoding(mask), mask.shape), mask)
+
+
+def test_submission_resizes_back_and_labels_each_nucleus():
+    pred = np.zeros((1, 8, 8, 1), np.float32)
+    pred[0, 1:3, 1:3] = 0.9
+    pred[0, 5:7, 4:7] = 0.8
+    empty = np.zeros((1, 8, 8, 1), np.float32)
+    rows = predict.submission_rows(np.concatenate([pred, empty]), [(16, 24), (5, 5)],
+                                   ["a", "b"], 0.5)
+    assert [r[0] for r in rows] == ["a", "a", "b"] and rows[2][1] == ""
+    first = rle_decode(rows[0][1], (16, 24))
+    assert first.shape == (16, 24) and first.any() and not (first & rle_decode(rows[1][1], (16, 24))).any()
+
+
+@pytest.fixture
+def small_images(monkeypatch):
+    monkeypatch.setattr(config, "IMG_HEIGHT", 32)
+    monkeypatch.setattr(config, "IMG_WIDTH", 32)
+
+
+def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    make_dsb_tree(train_dir, n_images=10)
+    test_ids = make_dsb_tree(test_dir, n_images=2, shape=(50, 70), masks=False)
+    model_path = tmp_path / "model" / "unet.keras"
+    train.main(["--train-dir", str(train_dir), "--epochs", "1", "--batch-size", "4",
+                "--model-path", str(model_path), "--no-cache"])
+    import unet
+
+    model = unet.load_unet(model_path)
+    assert model.count_params() == 1_941_105 and model.input_shape == (None, 32, 32, 3)
+    history = pd.read_csv(model_path.with_suffix(".history.csv"))
+    assert list(history.columns) == ["epoch", "loss", "my_iou_metric", "val_loss",
+                                     "val_my_iou_metric"]
+    assert len(history) == 1 and model_path.with_suffix(".history.png").stat().st_size > 0
+
+    out_dir = tmp_path / "out"
+    predict.main(["--model-path", str(model_path), "--train-dir", str(train_dir),
+                  "--test-dir", str(test_dir), "--out-dir", str(out_dir), "--no-cache"])
+    for name in ("train_sample.png", "val_sample.png"):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
+    assert list(submission.columns) == ["ImageId", "EncodedPixels"]
+    assert set(submission["ImageId"]) == set(test_ids)
+    for encoded in submission["EncodedPixels"]:
+        numbers = [int(n) for n in encoded.split()]
+        assert len(numbers) % 2 == 0 and all(n >= 1 for n in numbers)
+        assert all(s + l - 1 <= 50 * 70 for s, l in zip(numbers[::2], numbers[1::2]))

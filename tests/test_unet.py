@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+import unet
+from tests.conftest import SAMPLE_TRAIN
+from tests.reference import iou_metric_batch_notebook, iou_metric_notebook
+
+
+def square(top, left, size=10, shape=(32, 32)):
+    mask = np.zeros(shape, bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+def test_parameter_count_and_output_shape():
+    model = unet.build_unet()
+    assert model.count_params() == 1_941_105
+    assert model.output_shape == (None, 128, 128, 1)
+    assert model.layers[1].__class__.__name__ == "Rescaling"
+    assert len([l for l in model.layers if l.__class__.__name__ == "Conv2D"]) == 19
+    assert model.predict(np.zeros((2, 128, 128, 3), np.uint8), verbose=0).shape == (2, 128, 128, 1)
+
+
+def test_metric_identical_masks_score_one():
+    mask = square(2, 2) | square(18, 18)
+    assert unet.iou_metric(mask, mask) == 1.0
+
+
+def test_metric_disjoint_masks_score_zero():
+    assert unet.iou_metric(square(0, 0), square(20, 20)) == 0.0
+
+
+def test_metric_one_missed_nucleus():
+    """Two true nuclei, one found exactly: TP 1, FN 1 at every threshold -> 1/2."""
+    truth = square(2, 2) | square(18, 18)
+    assert unet.iou_metric(truth, square(2, 2)) == 0.5
+
+
+def test_metric_shifted_square_exact_fraction(capsys):
+    """A 10x10 square shifted by 2 columns: IoU = 80 / 120 = 2/3, a match at t = 0.50, 0.55,
+    0.60, 0.65 only, so the score is 4/10."""
+    assert unet.iou_metric(square(5, 5), square(5, 7), print_table=True) == pytest.approx(0.4)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "Thresh\tTP\tFP\tFN\tPrec."
+    assert table[4] == "0.650\t1\t0\t0\t1.000"
+    assert table[5] == "0.700\t0\t1\t1\t0.000"
+    assert table[-1] == "AP\t-\t-\t-\t0.400"
+
+
+def test_metric_keeps_the_kernels_quirks():
+    empty = np.zeros((32, 32), bool)
+    assert unet.iou_metric(empty, empty) == 0.0
+    full = np.ones((32, 32), bool)
+    assert unet.iou_metric(full, full) == 0.0 == iou_metric_notebook(full, full)
+
+
+def test_metric_equals_the_kernels_on_random_and_real_masks():
+    from scipy.ndimage import binary_dilation, binary_erosion, shift
+
+    import data
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(200):
+        a = rng.random((32, 32)) < rng.uniform(0, 0.6)
+        b = rng.random((32, 32)) < rng.uniform(0, 0.6)
+        pairs.append((a, b))
+    _, Y, _ = data.load_train(SAMPLE_TRAIN)
+    for y in Y[..., 0]:
+        pairs += [(y, y), (y, binary_erosion(y)), (y, binary_dilation(y)),
+                  (y, shift(y, (1, 2), order=0)), (y, np.zeros_like(y)), (np.zeros_like(y), y)]
+    for a, b in pairs:
+        assert unet.iou_metric(a, b) == iou_metric_notebook(a, b)
+    batch_true = np.stack([a for a, _ in pairs[:16]])[..., None]
+    batch_pred = np.stack([b for _, b in pairs[:16]])[..., None].astype(np.float32)
+    assert unet.iou_metric_batch(batch_true, batch_pred) == iou_metric_batch_notebook(
+        batch_true, batch_pred)
+
+
+def test_tensorflow_metric_equals_numpy_metric():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    y_true = rng.random((4, 32, 32, 1)) < 0.3
+    y_pred = rng.random((4, 32, 32, 1)).astype(np.float32)
+    value = unet.my_iou_metric(tf.constant(y_true), tf.constant(y_pred))
+    assert value.shape == () and value.dtype == tf.float32
+    assert float(value) == unet.iou_metric_batch(y_true, y_pred)
