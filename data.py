@@ -76,8 +76,8 @@ def _decode(path):
         if isinstance(error, InputError):
             raise
         raise InputError(f"{path}: not a readable image ({error})") from None
-    if array.ndim == 3 and array.shape[2] in (2, 4):
-        array = array[:, :, :-1]
+    if array.ndim == 3 and array.shape[2] in (2, 4):  # alpha is not part of the picture
+        array = array[:, :, 0] if array.shape[2] == 2 else array[:, :, :3]
     if array.dtype != np.uint8:
         # 16-bit PNGs come as 16- or 32-bit integers holding 0..65535.
         array = array.astype(np.uint16)
@@ -88,7 +88,8 @@ def read_image(path):
     """An image as uint8 (H, W, 3): grey is repeated, 16 bits are scaled (not clipped) to 8."""
     array = _decode(path)
     if array.dtype == np.uint16:
-        array = np.round(array / 257).astype(np.uint8)
+        # The high byte, as Pillow itself reduces 16-bit RGB PNGs.
+        array = (array >> 8).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return array[:, :, :3]

@@ -1,0 +1,157 @@
+"""Every PNG flavour the data can hold is normalised; every bad input is one clear error."""
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+import data
+from tests.conftest import ROOT, make_dsb_tree, write_png
+
+
+def write_raw_png(path, array, bit_depth, color_type, size=None):
+    """A PNG written by hand, for what Pillow cannot save (16-bit colour, lying headers)."""
+    height, width = size or array.shape[:2]
+    dtype = ">u2" if bit_depth == 16 else np.uint8
+    raw = b"".join(b"\x00" + row.astype(dtype).tobytes() for row in array)
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+GREY = np.array([[0, 100], [200, 255]], np.uint8)
+RGB = np.stack([GREY, 255 - GREY, GREY // 2], axis=-1)
+
+
+def palette_image():
+    image = Image.fromarray(np.arange(4, dtype=np.uint8).reshape(2, 2), "P")
+    image.putpalette(RGB.reshape(-1).tolist())
+    return image
+
+
+def save(tmp_path, image):
+    path = tmp_path / "x.png"
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Image.fromarray(RGB), RGB),
+    (lambda: Image.fromarray(RGB).convert("RGBA"), RGB),
+    (lambda: Image.fromarray(GREY), np.repeat(GREY[..., None], 3, axis=2)),
+    (lambda: Image.fromarray(GREY).convert("LA"), np.repeat(GREY[..., None], 3, axis=2)),
+    (palette_image, RGB),
+    (lambda: Image.fromarray(GREY > 150), np.repeat((GREY > 150)[..., None] * 255, 3, axis=2)),
+])
+def test_8_bit_flavours_become_rgb_uint8(tmp_path, make, expected):
+    image = data.read_image(save(tmp_path, make()))
+    assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
+    assert np.array_equal(image, expected)
+
+
+def test_palette_with_transparency(tmp_path):
+    image = palette_image()
+    image.info["transparency"] = 0
+    assert np.array_equal(data.read_image(save(tmp_path, image)), RGB)
+
+
+def test_16_bit_grey_and_rgb_are_scaled_not_clipped(tmp_path):
+    grey16 = np.array([[0, 256], [40000, 65535]], np.uint16)
+    write_raw_png(tmp_path / "g.png", grey16, 16, 0)
+    image = data.read_image(tmp_path / "g.png")
+    assert np.array_equal(image[..., 0], [[0, 1], [156, 255]]) and image.dtype == np.uint8
+    rgb16 = np.stack([grey16, 65535 - grey16, grey16], axis=-1)
+    write_raw_png(tmp_path / "c.png", rgb16, 16, 2)
+    assert np.array_equal(data.read_image(tmp_path / "c.png")[..., 1], [[255, 254], [99, 0]])
+
+
+def test_masks_of_any_flavour_are_nonzero_pixels(tmp_path):
+    mask16 = np.array([[0, 1], [0, 65535]], np.uint16)
+    write_raw_png(tmp_path / "m.png", mask16, 16, 0)
+    assert np.array_equal(data.read_mask(tmp_path / "m.png"), [[False, True], [False, True]])
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque alpha is not nucleus
+    rgba[1, 0, 0] = 255
+    Image.fromarray(rgba).save(tmp_path / "m2.png")
+    assert np.array_equal(data.read_mask(tmp_path / "m2.png"), [[False, False], [True, False]])
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "not a readable image"),
+    (b"just some text\n", "not a readable image"),
+])
+def test_non_images_are_refused(tmp_path, content, reason):
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(data.InputError, match=reason) as error:
+        data.read_image(tmp_path / "x.png")
+    assert str(tmp_path / "x.png") in str(error.value)
+
+
+def test_truncated_png_is_refused(tmp_path):
+    path = tmp_path / "t.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(data.InputError, match=f"{path}: not a readable image"):
+        data.read_image(path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    # The header claims 100000 x 100000 pixels; the data is a few bytes.
+    write_raw_png(tmp_path / "bomb.png", np.zeros((1, 1), np.uint8), 8, 0, size=(100_000, 100_000))
+    with pytest.raises(data.InputError, match="decompression bomb"):
+        data.read_image(tmp_path / "bomb.png")
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(data.InputError, match=f"{tmp_path / 'nope'}: no such data folder"):
+        data.load_train(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(data.InputError, match="no image folders"):
+        data.load_train(tmp_path / "empty")
+
+
+def test_id_without_its_image(dsb_tree):
+    (dsb_tree / "id02" / "images" / "id02.png").unlink()
+    with pytest.raises(data.InputError, match=r"id02\.png: missing"):
+        data.load_train(dsb_tree)
+
+
+def test_mask_of_another_size(dsb_tree):
+    write_png(dsb_tree / "id01" / "masks" / "odd.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(data.InputError, match=r"odd\.png: mask is 10x10 but its image is 80x64"):
+        data.load_train(dsb_tree)
+
+
+def test_missing_or_empty_masks_mean_no_nuclei_with_a_warning(dsb_tree):
+    for mask in (dsb_tree / "id01" / "masks").iterdir():
+        mask.unlink()
+    for mask in (dsb_tree / "id02" / "masks").iterdir():
+        mask.unlink()
+    (dsb_tree / "id02" / "masks").rmdir()
+    with pytest.warns(UserWarning, match=r"id01[/\\]masks: no mask files"):
+        _, Y, _ = data.load_train(dsb_tree)
+    assert not Y[1].any() and not Y[2].any() and Y[0].any()
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    root = tmp_path / "train"
+    make_dsb_tree(root)
+    (root / "id00" / "masks" / "m1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train-dir", str(root),
+                             "--no-cache", "--model-path", str(tmp_path / "m.keras")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {root / 'id00' / 'masks' / 'm1.png'}: not a readable image")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.keras").exists()
