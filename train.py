@@ -87,6 +87,8 @@ def train(args):
           f"nucleus pixels {Y.mean():.1%}")
     # The notebook's validation_split: Keras takes the validation images from the end.
     split = data.split_index(len(X), args.train_dir)
+    # Float labels: the loss casts them anyway, and MirroredStrategy cannot sum bool tensors.
+    Y = Y.astype("float32")
     X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
     print(f"{len(X_train)} training and {len(X_val)} validation images")
 

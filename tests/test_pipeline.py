@@ -78,3 +78,35 @@ def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
         numbers = [int(n) for n in encoded.split()]
         assert len(numbers) % 2 == 0 and all(n >= 1 for n in numbers)
         assert all(s + l - 1 <= 50 * 70 for s, l in zip(numbers[::2], numbers[1::2]))
+
+
+def test_distribute_on_two_logical_cpus_with_mixed_precision(tmp_path):
+    """MirroredStrategy over two logical CPU devices (a stand-in for two GPUs), bfloat16 compute."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    train_dir, model_path = tmp_path / "train", tmp_path / "unet.keras"
+    # 18 training and 2 validation images in batches of 4: every replica gets at least one image
+    # of every batch (TensorFlow fails on an empty per-replica batch).
+    make_dsb_tree(train_dir, n_images=20)
+    code = f"""
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import config
+config.IMG_HEIGHT = config.IMG_WIDTH = 32
+import train
+train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!r}, "--epochs", "1",
+            "--batch-size", "4", "--no-cache", "--distribute", "--mixed-precision"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Training on 2 devices" in result.stdout
+    import unet
+
+    model = unet.load_unet(model_path)
+    assert model.layers[2].dtype_policy.name == "mixed_bfloat16"
+    assert model.output.dtype == "float32"
