@@ -129,8 +129,11 @@ def load_unet(path):
     except Exception as error:  # Keras raises many types for a bad archive; name the file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):
-            message = "it holds a Lambda layer (arbitrary code), refused in safe mode"
-        raise InputError(f"{path}: cannot load the model: {message}") from None
+            raise InputError(f"{path}: cannot load the model: it holds a Lambda layer "
+                             "(arbitrary code), refused in safe mode") from None
+        # A readable archive whose config or weights are not (e.g. a member cut short).
+        raise InputError(f"{path}: damaged or incompatible model file ({message}); "
+                         "retrain or restore it") from None
 
 
 def partial_path(model_path):

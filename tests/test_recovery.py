@@ -1,0 +1,543 @@
+"""Trustworthy training: atomic checkpoints that survive SIGKILL, NaN guard, --resume, safe
+model loading, repeatable seeds and one-line command-line errors.
+
+The training runs use a fake DSB tree of a few 64x80 images and a 32x32 network so that a
+subprocess run takes seconds. Runs that must be killed, or that must start fresh, run in a
+subprocess: `python -c` sets the image size, optionally installs a hook (a kill at a chosen
+moment, a pause, a recorder), then calls `train.main`.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import config
+import data
+import train
+from tests.conftest import make_dsb_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32  # the network's input in these tests, instead of 128
+
+PRELUDE = f"""
+import os, signal, sys, time
+import config
+config.IMG_HEIGHT = config.IMG_WIDTH = {SIZE}
+"""
+
+# Hooks, installed before `train.main` runs. MODEL, MARKER and RECORD are replaced by paths.
+
+# The process dies while a model file is being written: whatever model.save writes is cut to
+# half its size, then SIGKILL. Only an atomic save keeps the previous best intact.
+KILL_MID_SAVE = """
+import keras
+_save = keras.Model.save
+def save(self, filepath, *args, **kwargs):
+    _save(self, filepath, *args, **kwargs)
+    with open(filepath, "r+b") as f:
+        f.truncate(os.path.getsize(filepath) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+keras.Model.save = save
+"""
+
+# The process dies just after the new best is renamed into place (before the folder's fsync).
+KILL_AFTER_RENAME = """
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if os.path.abspath(dst) == os.path.abspath(MODEL):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+"""
+
+# The process dies while BackupAndRestore writes its second backup (end of epoch 2): the
+# latest weights file is left truncated.
+KILL_MID_BACKUP = """
+import keras
+_save_weights = keras.Model.save_weights
+backups = []
+def save_weights(self, filepath, *args, **kwargs):
+    _save_weights(self, filepath, *args, **kwargs)
+    if str(filepath).endswith("latest.weights.h5"):
+        backups.append(filepath)
+        if len(backups) == 2:
+            with open(filepath, "r+b") as f:
+                f.truncate(os.path.getsize(filepath) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+keras.Model.save_weights = save_weights
+"""
+
+# Notes whether the stale partial file is still there when training starts.
+RECORD_PARTIAL = """
+import keras
+_fit = keras.Model.fit
+def fit(self, *args, **kwargs):
+    with open(RECORD, "w") as f:
+        f.write(str(os.path.exists(PARTIAL)))
+    return _fit(self, *args, **kwargs)
+keras.Model.fit = fit
+"""
+
+# Epoch 3 does not start: the run waits (for the test's SIGKILL) once epoch 2 is finished.
+PAUSE_BEFORE_EPOCH_3 = """
+import keras
+def on_epoch_begin(self, epoch, logs=None):
+    if epoch == 2:
+        open(MARKER, "w").close()
+        time.sleep(600)
+keras.callbacks.CSVLogger.on_epoch_begin = on_epoch_begin
+"""
+
+# Writes digests of the images and masks fit trains and validates on.
+RECORD_SPLIT = """
+import hashlib, json, keras, numpy as np
+_fit = keras.Model.fit
+def fit(self, x, y, *args, validation_data=None, **kwargs):
+    digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
+    x_val, y_val = validation_data
+    with open(RECORD, "w") as f:
+        json.dump({"train": [digest(x), digest(y > 0.5)],
+                   "val": [digest(x_val), digest(y_val > 0.5)]}, f)
+    return _fit(self, x, y, *args, validation_data=validation_data, **kwargs)
+keras.Model.fit = fit
+"""
+
+# TensorFlow's C++ start-up lines, printed before its logging is set up (TF_CPP_MIN_LOG_LEVEL=2
+# does not silence them), and tqdm's progress bars: stderr noise, not messages.
+NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog"
+                   r"|[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\]"
+                   r"|To enable the following instructions"
+                   r"|\s*\d+%\|)")
+
+
+def messages(stderr):
+    """The lines of stderr that are meant for the user."""
+    lines = (line.strip() for line in re.split(r"[\r\n]+", stderr))
+    return [line for line in lines if line and not NOISE.match(line)]
+
+
+def assert_one_error_line(result, path, *words):
+    """A non-zero exit, no traceback, and one line on stderr: `error: <path>: <words>`."""
+    assert result.returncode not in (0, None), result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = messages(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), result.stderr
+    message = lines[0][len(f"error: {path}: "):]
+    for word in words:
+        assert word in message, lines[0]
+    return message
+
+
+def load_error(path):
+    """What unet.load_unet says about `path`, after the path: one line."""
+    import unet
+
+    with pytest.raises(data.InputError) as error:
+        unet.load_unet(path)
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text, text
+    return text[len(f"{path}: "):]
+
+
+def train_code(hook="", **paths):
+    for name, path in paths.items():
+        hook = hook.replace(name.upper(), repr(str(path)))
+    return PRELUDE + hook + "\nimport train\ntrain.main(sys.argv[1:])\n"
+
+
+def train_args(train_dir, model_path, epochs, *extra, batch_size=4):
+    return ["--train-dir", str(train_dir), "--model-path", str(model_path), "--epochs",
+            str(epochs), "--batch-size", str(batch_size), "--no-cache", *extra]
+
+
+# Unbuffered, so that what a killed run printed is not lost with it.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(args, hook="", timeout=120, **paths):
+    return subprocess.run([sys.executable, "-c", train_code(hook, **paths), *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def killed(result):
+    return result.returncode == -signal.SIGKILL
+
+
+def history(model_path):
+    return pd.read_csv(model_path.with_suffix(".history.csv"))
+
+
+def weights(model_path):
+    import unet
+
+    return unet.load_unet(model_path).get_weights()
+
+
+def same_weights(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def small_images(monkeypatch):
+    monkeypatch.setattr(config, "IMG_HEIGHT", SIZE)
+    monkeypatch.setattr(config, "IMG_WIDTH", SIZE)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Five images: four to train on (one batch of 4) and one to validate on."""
+    root = tmp_path / "stage1_train"
+    make_dsb_tree(root, n_images=5)
+    return root
+
+
+def save_bad_model(path):
+    """A U-Net that calls every pixel nucleus (val_loss about 8), saved atomically: a previous
+    best that the first trained epoch always beats."""
+    import unet
+
+    model = unet.build_unet()
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, bias + 10])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet.save_atomic(model, path)
+    return model.get_weights()
+
+
+# 1. Atomic checkpoints ---------------------------------------------------------------------
+
+def test_save_atomic_writes_beside_and_renames(tmp_path, small_images):
+    import unet
+
+    path = tmp_path / "models" / "best.keras"
+    partial = unet.partial_path(path)
+    assert partial.parent == path.parent and partial.name.startswith(".")
+    assert partial.suffix == ".keras" and partial != path
+    first = save_bad_model(path)
+    assert path.is_file() and not partial.exists()
+    assert same_weights(weights(path), first)
+    assert os.listdir(path.parent) == ["best.keras"]
+
+
+def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, monkeypatch):
+    """A save that dies half-way (disk full, exception) must not touch the best model file."""
+    import keras
+    import unet
+
+    path = tmp_path / "best.keras"
+    save_bad_model(path)
+    before = path.read_bytes()
+
+    def broken_save(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", broken_save)
+    with pytest.raises(OSError):
+        unet.save_atomic(unet.build_unet(), path)
+    assert path.read_bytes() == before
+
+
+def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
+        tmp_path, tree, small_images):
+    import unet
+
+    model_path = tmp_path / "model" / "unet.keras"
+    partial = unet.partial_path(model_path)
+    previous = save_bad_model(model_path)
+
+    # Killed while writing the first better model.
+    result = run_train(train_args(tree, model_path, 2), KILL_MID_SAVE)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    assert "val_loss improved" in result.stdout
+    assert same_weights(weights(model_path), previous)
+    assert partial.exists()  # the half-written file is where a killed save leaves it ...
+    assert "damaged" in load_error(partial)  # ... and it is no model
+    assert not train.backup_dir(model_path).exists()  # killed before the epoch's backup
+
+    # The next start removes it before training, trains, and is killed just after renaming a
+    # better model in: the new model is complete.
+    record = tmp_path / "partial-at-fit"
+    result = run_train(train_args(tree, model_path, 2), RECORD_PARTIAL + KILL_AFTER_RENAME,
+                       model=model_path, partial=partial, record=record)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"Removing {partial}" in result.stdout
+    assert record.read_text() == "False"
+    assert not partial.exists()
+    new = weights(model_path)
+    assert not same_weights(new, previous)
+
+
+# 2. NaN and infinite losses ----------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
+def test_best_checkpoint_never_saves_a_non_finite_val_loss(tmp_path, small_images, value,
+                                                           capsys):
+    import unet
+
+    path = tmp_path / "best.keras"
+    checkpoint = unet.BestCheckpoint(path, best=0.5)
+    checkpoint.set_model(unet.build_unet())
+    logs = {} if value is None else {"val_loss": value}
+    checkpoint.on_epoch_end(0, logs)
+    assert not path.exists() and checkpoint.best == 0.5
+    assert "not saved" in capsys.readouterr().out
+    # A finite improvement is still saved, and only an improvement.
+    checkpoint.on_epoch_end(1, {"val_loss": 0.7})
+    assert not path.exists()
+    checkpoint.on_epoch_end(2, {"val_loss": 0.25})
+    assert path.exists() and checkpoint.best == 0.25
+
+
+def test_nan_loss_stops_training_and_keeps_the_best(tmp_path, tree, small_images, monkeypatch,
+                                                    capsys):
+    import unet
+
+    model_path = tmp_path / "unet.keras"
+    previous = save_bad_model(model_path)
+    build = unet.build_unet
+
+    def nan_unet(*args, **kwargs):
+        model = build(*args, **kwargs)
+        kernel, bias = model.layers[-1].get_weights()
+        model.layers[-1].set_weights([kernel, bias * np.nan])
+        return model
+
+    monkeypatch.setattr(unet, "build_unet", nan_unet)
+    train.main(train_args(tree, model_path, 3, batch_size=2))  # two batches an epoch
+    out = capsys.readouterr().out
+    assert "Invalid loss, terminating training" in out
+    rows = history(model_path)
+    assert list(rows["epoch"]) == [0] and rows["loss"].isna().all()  # stopped in epoch 1
+    assert "Epoch 2/3" not in out
+    assert "val_loss is nan, not saved" in out
+    assert same_weights(weights(model_path), previous)
+    assert not train.backup_dir(model_path).exists()
+
+
+# 3. --resume and the best so far ------------------------------------------------------------
+
+def test_existing_best_is_only_replaced_by_a_better_model(tmp_path, tree, small_images,
+                                                         monkeypatch, capsys):
+    """A fresh run whose models are all worse than the existing file must not replace it."""
+    import unet
+
+    model_path = tmp_path / "unet.keras"
+    unet.save_atomic(unet.build_unet(), model_path)  # untrained: val_loss about 0.7
+    previous = weights(model_path)
+    build = unet.build_unet
+
+    def bad_unet(*args, **kwargs):  # val_loss about 8, and one epoch cannot fix that
+        model = build(*args, **kwargs)
+        kernel, bias = model.layers[-1].get_weights()
+        model.layers[-1].set_weights([kernel, bias + 10])
+        return model
+
+    monkeypatch.setattr(unet, "build_unet", bad_unet)
+    train.main(train_args(tree, model_path, 1))
+    out = capsys.readouterr().out
+    assert f"{model_path} exists with val_loss" in out
+    assert history(model_path)["val_loss"].iloc[0] > 2
+    assert "did not improve" in out
+    assert same_weights(weights(model_path), previous)
+
+
+def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, tree, small_images):
+    import unet
+
+    model_path = tmp_path / "model" / "unet.keras"
+    csv_path = model_path.with_suffix(".history.csv")
+    backup = train.backup_dir(model_path)
+    marker = tmp_path / "paused"
+
+    # Epochs 1 and 2 of 4, then SIGKILL once the history CSV shows both.
+    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
+    process = subprocess.Popen([sys.executable, "-c", code, *train_args(tree, model_path, 4)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        # The header and two rows; the marker says epoch 3 is waiting (its backup is done).
+        while not (csv_path.exists() and csv_path.read_text().count("\n") == 3
+                   and marker.exists()):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "epoch 2 did not finish in time"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert list(history(model_path)["epoch"]) == [0, 1]
+    assert backup.is_dir()
+    best_before = weights(model_path)  # the killed run's best model loads
+    csv_before = csv_path.read_bytes()
+
+    # Without --resume: one clear line, nothing touched.
+    result = run_train(train_args(tree, model_path, 4))
+    assert_one_error_line(result, backup, "--resume")
+    assert csv_path.read_bytes() == csv_before and backup.is_dir()
+    assert same_weights(weights(model_path), best_before)
+
+    # With --resume: epochs 3 and 4 only, the CSV continued, the best so far remembered.
+    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = history(model_path)
+    assert list(rows["epoch"]) == [0, 1, 2, 3]
+    assert "Epoch 3/4" in result.stdout and "Epoch 1/4" not in result.stdout
+    best_so_far = rows["val_loss"][:2].min()
+    match = re.search(r"exists with val_loss ([\d.]+)", result.stdout)
+    assert match and float(match.group(1)) == pytest.approx(best_so_far, rel=1e-4, abs=1e-5)
+    assert not backup.exists()  # a finished run removes its backup
+    X, Y, _ = data.load_train(tree)
+    split = data.split_index(len(X), tree)
+    best_loss = unet.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
+    assert best_loss == pytest.approx(rows["val_loss"].min(), rel=1e-4, abs=1e-5)
+
+
+def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, tree,
+                                                                        small_images):
+
+    model_path = tmp_path / "unet.keras"
+    result = run_train(train_args(tree, model_path, 4), KILL_MID_BACKUP)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    # Epoch 2's row is written before its (killed) backup.
+    assert list(history(model_path)["epoch"]) == [0, 1]
+    weights(model_path)  # loadable
+    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The damaged backup of epoch 2 is replaced by epoch 1's, so epoch 2 is run again.
+    assert list(history(model_path)["epoch"]) == [0, 1, 1, 2, 3]
+    assert not train.backup_dir(model_path).exists()
+
+
+# 4. Safe loading -----------------------------------------------------------------------------
+
+def save_lambda_model(path):
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    outputs = keras.layers.Lambda(lambda x: x[..., :1] / 255)(inputs)
+    keras.Model(inputs, outputs).save(path)
+
+
+def test_load_unet_refuses_other_formats_and_missing_files(tmp_path):
+    import unet
+
+    h5 = tmp_path / "model.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n")
+    assert "only .keras" in load_error(h5)
+    assert "train first" in load_error(tmp_path / "missing.keras")
+
+
+def test_load_unet_calls_a_damaged_file_damaged(tmp_path, small_images):
+    import unet
+
+    good = tmp_path / "good.keras"
+    unet.save_atomic(unet.build_unet(), good)
+    content = good.read_bytes()
+    damaged = {"empty": b"", "garbage": b"this is not a model" * 10,
+               "truncated": content[:len(content) // 2]}
+    with zipfile.ZipFile(good) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    for broken in ("model.weights.h5", "config.json"):
+        path = tmp_path / f"bad-{broken}.keras"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, member in members.items():
+                archive.writestr(name, b"garbage" * 10 if name == broken else member)
+        damaged[broken] = None
+    for name, content in damaged.items():
+        path = tmp_path / f"bad-{name}.keras"
+        if content is not None:
+            path.write_bytes(content)
+        assert "damaged" in load_error(path), name
+
+
+def test_load_unet_refuses_a_lambda_layer(tmp_path):
+    import unet
+
+    path = tmp_path / "lambda.keras"
+    save_lambda_model(path)
+    assert "Lambda" in load_error(path)
+
+
+def test_predict_refuses_a_lambda_model_in_one_line(tmp_path, tree):
+    path = tmp_path / "lambda.keras"
+    save_lambda_model(path)
+    test_dir = tmp_path / "stage1_test"
+    make_dsb_tree(test_dir, n_images=1, masks=False)
+    result = subprocess.run(
+        [sys.executable, "predict.py", "--model-path", str(path), "--train-dir", str(tree),
+         "--test-dir", str(test_dir), "--out-dir", str(tmp_path / "out"), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(result, path, "Lambda")
+    assert not (tmp_path / "out").exists()
+
+
+# 5. Repeatability ----------------------------------------------------------------------------
+
+def test_same_seed_same_split_and_weights_in_fresh_processes(tmp_path, small_images):
+    train_dir = tmp_path / "stage1_train"
+    make_dsb_tree(train_dir, n_images=6)  # 5 training images: batches of 2, 2 and 1, shuffled
+    processes = {}
+    for name in ("a", "b"):
+        code = train_code(RECORD_SPLIT, record=tmp_path / f"{name}.json")
+        args = train_args(train_dir, tmp_path / name / "unet.keras", 1, "--seed", "7",
+                          batch_size=2)
+        processes[name] = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True)
+    # Meanwhile, another seed in this process: the seed must matter, or equality proves nothing.
+    other = tmp_path / "other" / "unet.keras"
+    train.main(train_args(train_dir, other, 1, "--seed", "8", batch_size=2))
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=150)
+        assert process.returncode == 0, stderr[-3000:]
+    records = [json.loads((tmp_path / f"{name}.json").read_text()) for name in processes]
+    X, Y, _ = data.load_train(train_dir)
+    split = data.split_index(len(X), train_dir)
+    digest = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
+    assert records[0] == records[1] == {"train": [digest(X[:split]), digest(Y[:split])],
+                                        "val": [digest(X[split:]), digest(Y[split:])]}
+    a, b = (tmp_path / name / "unet.keras" for name in processes)
+    assert same_weights(weights(a), weights(b))
+    assert history(a).equals(history(b))
+    assert not same_weights(weights(a), weights(other))
+
+
+# 6. Command-line errors ------------------------------------------------------------------------
+
+def test_train_missing_dir_is_one_error_line(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [sys.executable, "train.py", "--train-dir", str(missing),
+         "--model-path", str(tmp_path / "unet.keras"), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert assert_one_error_line(result, missing) == "no such data folder"
+
+
+def test_train_refuses_a_model_path_that_is_not_keras(tmp_path, tree):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--train-dir", str(tree),
+         "--model-path", str(tmp_path / "unet.h5"), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result, tmp_path / "unet.h5", ".keras")
+
+
+def test_predict_without_a_model_says_train_first(tmp_path, tree):
+    missing = tmp_path / "unet.keras"
+    result = subprocess.run(
+        [sys.executable, "predict.py", "--model-path", str(missing), "--train-dir", str(tree),
+         "--test-dir", str(tree), "--out-dir", str(tmp_path / "out"), "--no-cache"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(result, missing, "train first")
