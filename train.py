@@ -92,11 +92,12 @@ def train(args):
     X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
     print(f"{len(X_train)} training and {len(X_val)} validation images")
 
-    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
+    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant;
+    # unet first, as it quietens TensorFlow's start-up logging before TensorFlow loads.
+    import unet
+
     import keras
     import tensorflow as tf
-
-    import unet
 
     partial = unet.partial_path(model_path)
     if partial.exists():
@@ -124,22 +125,30 @@ def train(args):
         model = unet.build_unet()
     model.summary()
 
+    resuming = args.resume and backup.exists()
+    if args.resume and not resuming:
+        print(f"Nothing to resume (no {backup}): starting a new run")
     csv_path, png_path = history_paths(model_path)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.PATIENCE, verbose=1,
                                       restore_best_weights=True),
         unet.BestCheckpoint(model_path, best),
-        keras.callbacks.CSVLogger(csv_path, append=args.resume),
+        keras.callbacks.CSVLogger(csv_path, append=resuming),
         # Saved every epoch and deleted when training ends normally; keeps two copies so that a
         # kill while saving the backup leaves the previous one.
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
     ]
-    model.fit(X_train, Y_train, validation_data=(X_val, Y_val), batch_size=args.batch_size,
-              epochs=args.epochs, shuffle=True, callbacks=callbacks)
+    history = model.fit(X_train, Y_train, validation_data=(X_val, Y_val),
+                        batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
+                        callbacks=callbacks)
     if csv_path.exists():
         plot_history(csv_path, png_path)
         print(f"History: {csv_path}, {png_path}")
+    losses = history.history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        sys.exit(f"error: the loss became {losses[-1]} and training stopped; the best model so "
+                 f"far is kept in {model_path}")
 
 
 if __name__ == "__main__":

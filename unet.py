@@ -124,8 +124,8 @@ def load_unet(path):
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: damaged model file (not a .keras archive); retrain or restore it")
     try:
-        return keras.saving.load_model(path, custom_objects={"my_iou_metric": my_iou_metric},
-                                       safe_mode=True)
+        model = keras.saving.load_model(path, custom_objects={"my_iou_metric": my_iou_metric},
+                                        safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad archive; name the file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):
@@ -134,6 +134,11 @@ def load_unet(path):
         # A readable archive whose config or weights are not (e.g. a member cut short).
         raise InputError(f"{path}: damaged or incompatible model file ({message}); "
                          "retrain or restore it") from None
+    expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
+    if tuple(model.input_shape[1:]) != expected:
+        raise InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
+                         f"config.py's size is {expected}")
+    return model
 
 
 def partial_path(model_path):

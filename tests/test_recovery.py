@@ -315,7 +315,8 @@ def test_nan_loss_stops_training_and_keeps_the_best(tmp_path, tree, small_images
         return model
 
     monkeypatch.setattr(unet, "build_unet", nan_unet)
-    train.main(train_args(tree, model_path, 3, batch_size=2))  # two batches an epoch
+    with pytest.raises(SystemExit, match="the loss became nan and training stopped"):
+        train.main(train_args(tree, model_path, 3, batch_size=2))  # two batches an epoch
     out = capsys.readouterr().out
     assert "Invalid loss, terminating training" in out
     rows = history(model_path)
@@ -541,3 +542,22 @@ def test_predict_without_a_model_says_train_first(tmp_path, tree):
          "--test-dir", str(tree), "--out-dir", str(tmp_path / "out"), "--no-cache"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert_one_error_line(result, missing, "train first")
+
+
+def test_resume_without_a_backup_starts_a_new_history(tmp_path, tree, small_images, capsys):
+    model_path = tmp_path / "unet.keras"
+    csv_path = model_path.with_suffix(".history.csv")
+    csv_path.write_text("epoch,loss,my_iou_metric,val_loss,val_my_iou_metric\n0,1,0,1,0\n")
+    train.main(train_args(tree, model_path, 1) + ["--resume"])
+    assert "Nothing to resume" in capsys.readouterr().out
+    assert list(pd.read_csv(csv_path)["epoch"]) == [0]
+
+
+def test_load_unet_refuses_a_model_of_another_input_size(tmp_path, small_images, monkeypatch):
+    import unet
+
+    path = tmp_path / "unet.keras"
+    unet.build_unet().save(path)
+    monkeypatch.setattr(config, "IMG_HEIGHT", 64)
+    with pytest.raises(data.InputError, match=r"the model takes \(32, 32, 3\) images"):
+        unet.load_unet(path)
