@@ -123,9 +123,6 @@ def _load_one(folder, id_, size, with_masks):
         return x, image.shape[:2]
     mask_dir = folder / id_ / "masks"
     names = _png_files(mask_dir) if mask_dir.is_dir() else []
-    if not names:
-        warnings.warn(f"{mask_dir}: no mask files; {id_} is loaded as an image with no nuclei",
-                      stacklevel=2)
     union = np.zeros(image.shape[:2], dtype=np.uint8)
     for name in names:
         mask = read_mask(mask_dir / name)
@@ -208,6 +205,10 @@ def _load_folder(folder, kind, size, cache_dir):
         try:
             for n, future in enumerate(tqdm(futures, total=len(ids))):
                 X[n], second[n] = future.result()
+                if with_masks and not second[n].any():
+                    # Warned here, not in the worker thread, so that it points at the caller.
+                    warnings.warn(f"{folder / ids[n] / 'masks'}: no nucleus in any mask file; "
+                                  f"{ids[n]} is loaded as an image with no nuclei", stacklevel=3)
         except BaseException:
             for future in futures:
                 future.cancel()

@@ -92,12 +92,11 @@ def train(args):
     X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
     print(f"{len(X_train)} training and {len(X_val)} validation images")
 
-    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant;
-    # unet first, as it quietens TensorFlow's start-up logging before TensorFlow loads.
-    import unet
-
+    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
     import keras
     import tensorflow as tf
+
+    import unet
 
     partial = unet.partial_path(model_path)
     if partial.exists():

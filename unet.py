@@ -4,9 +4,6 @@ import os
 import zipfile
 from pathlib import Path
 
-# Before TensorFlow loads: its C++ start-up INFO lines (oneDNN, CUDA probing) bury the progress bars.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras
 import numpy as np
 import tensorflow as tf

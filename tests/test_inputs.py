@@ -138,7 +138,7 @@ def test_missing_or_empty_masks_mean_no_nuclei_with_a_warning(dsb_tree):
     for mask in (dsb_tree / "id02" / "masks").iterdir():
         mask.unlink()
     (dsb_tree / "id02" / "masks").rmdir()
-    with pytest.warns(UserWarning, match=r"id01[/\\]masks: no mask files"):
+    with pytest.warns(UserWarning, match=r"id01[/\\]masks: no nucleus in any mask file"):
         _, Y, _ = data.load_train(dsb_tree)
     assert not Y[1].any() and not Y[2].any() and Y[0].any()
 
