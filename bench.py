@@ -1,0 +1,412 @@
+"""Measure loading, the metric, the machine's compute bound and training throughput.
+
+python bench.py --train-dir ../shared/data/dsb2018/stage1_train     # the full set, ~3-4 minutes
+
+In one run:
+
+1. loading: the notebook's loop (one resize per mask) against data.load_train, cold and from
+   the cache, and a check that both give the same arrays;
+2. the metric: unet.iou_metric_batch against the Kaggle kernel's on real masks and realistic
+   predictions (eroded, dilated, shifted, speckled, empty), time per batch and equality;
+3. the compute bound: TensorFlow's float32 matmul FLOP/s on this machine and the U-Net's FLOPs
+   per image, hence the images/s training could reach if it ran at matmul speed;
+4. training: train.py's model and settings (unet.build_unet(), batch size, validation split),
+   steady-state epoch time, images/s and the fraction of the compute bound.
+
+The results are printed as they come and again at the end as a Markdown table for the README.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import config
+import data
+
+# Matmul size for the compute bound: large enough to run at the machine's peak.
+MATMUL_N = 4096
+MATMUL_REPEATS = 5
+METRIC_BATCH = 16
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults shown, and the description's line breaks kept."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
+                        help="DSB2018 folder of <id>/images and <id>/masks")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="training epochs to time; the first (tracing) is excluded, so >= 2")
+    return parser.parse_args(argv)
+
+
+def say(text=""):
+    print(text, flush=True)
+
+
+class OtherCPU:
+    """CPU seconds that other processes used since the start: the timings are only this
+    machine's speed when it stays near 0 (on Linux; None elsewhere)."""
+
+    def __init__(self):
+        self.start = self._others()
+
+    @staticmethod
+    def _others():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
+        own = os.times()
+        return busy - own.user - own.system
+
+    def seconds(self):
+        now = self._others()
+        return None if now is None or self.start is None else max(now - self.start, 0.0)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def quiet_load(train_dir, cache_dir):
+    """data.load_train with its status line kept off stdout (its progress bar is on stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return data.load_train(train_dir, cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Loading
+
+
+def bench_loading(train_dir):
+    from tests import reference
+
+    say("== 1. Loading " + "=" * 70)
+    (Xn, Yn, idn), t_notebook = timed(reference.load_train_notebook, str(train_dir))
+    say(f"notebook loop (one resize per mask):  {t_notebook:8.2f} s")
+    (X, Y, ids), t_cold = timed(quiet_load, train_dir, None)
+    say(f"data.load_train, cold (no cache):     {t_cold:8.2f} s   "
+        f"{t_notebook / t_cold:5.1f}x faster than the notebook loop")
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+        _, t_build = timed(quiet_load, train_dir, cache_dir)
+        (Xc, Yc, idc), t_cached = timed(quiet_load, train_dir, cache_dir)
+    say(f"data.load_train, building the cache:  {t_build:8.2f} s")
+    say(f"data.load_train, from the cache:      {t_cached:8.2f} s   "
+        f"{t_notebook / t_cached:5.0f}x faster than the notebook loop")
+    same = {
+        "X": np.array_equal(Xn, X) and Xn.dtype == X.dtype,
+        "Y": np.array_equal(Yn, Y) and Yn.dtype == Y.dtype,
+        "ids": list(idn) == list(ids),
+    }
+    same_cache = (np.array_equal(X, Xc) and np.array_equal(Y, Yc) and list(ids) == list(idc))
+    for name, ok in same.items():
+        say(f"  {name:3s} notebook loop == data.load_train: {'identical' if ok else 'DIFFERENT'}")
+    if not same["Y"] and Yn.shape == Y.shape:
+        say(f"  Y differs in {int((Yn != Y).sum())} of {Y.size} pixels")
+    say(f"  cached arrays == cold arrays: {'identical' if same_cache else 'DIFFERENT'}")
+    say(f"  {len(ids)} images, X {X.shape} {X.dtype}, Y {Y.shape} {Y.dtype}, "
+        f"nucleus pixels {Y.mean():.1%}")
+    return dict(X=X, Y=Y, ids=ids, t_notebook=t_notebook, t_cold=t_cold, t_build=t_build,
+                t_cached=t_cached, identical=all(same.values()) and same_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Metric
+
+
+def realistic_predictions(Y, seed=config.SEED):
+    """Probability maps as a half-trained U-Net gives them: the true masks eroded, dilated,
+    shifted, with false-positive speckles, or empty, smoothed so that the 0.5 threshold falls
+    on a soft edge; float32 (N, H, W, 1) like Keras' y_pred."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    preds = np.empty(Y.shape, dtype=np.float32)
+    kinds = ("exact", "eroded", "dilated", "shifted", "speckled", "empty")
+    for n, truth in enumerate(Y[..., 0]):
+        kind = kinds[n % len(kinds)]
+        if kind == "exact":
+            mask = truth
+        elif kind == "eroded":
+            mask = ndimage.binary_erosion(truth, iterations=1)
+        elif kind == "dilated":
+            mask = ndimage.binary_dilation(truth, iterations=2)
+        elif kind == "shifted":
+            mask = np.roll(truth, (2, -3), axis=(0, 1))
+        elif kind == "speckled":
+            mask = ndimage.binary_erosion(truth) | (rng.random(truth.shape) > 0.995)
+            mask = ndimage.binary_dilation(mask)
+        else:
+            mask = np.zeros_like(truth)
+        prob = ndimage.gaussian_filter(mask.astype(np.float32), sigma=1.0)
+        prob += rng.normal(0, 0.05, prob.shape).astype(np.float32)
+        preds[n, ..., 0] = np.clip(prob, 0, 1)
+    return preds, kinds
+
+
+def bench_metric(Y):
+    import unet
+    from tests import reference
+
+    say("== 2. Metric " + "=" * 71)
+    n_batches = len(Y) // METRIC_BATCH
+    y_true = Y[:n_batches * METRIC_BATCH].astype(np.float32)
+    y_pred, kinds = realistic_predictions(Y[:n_batches * METRIC_BATCH])
+    batches = [(y_true[i:i + METRIC_BATCH], y_pred[i:i + METRIC_BATCH])
+               for i in range(0, len(y_true), METRIC_BATCH)]
+    # Warm up both (imports, first-call allocations).
+    unet.iou_metric_batch(*batches[0])
+    reference.iou_metric_batch_notebook(*batches[0])
+    fast, t_fast = timed(lambda: [unet.iou_metric_batch(t, p) for t, p in batches])
+    slow, t_slow = timed(lambda: [reference.iou_metric_batch_notebook(t, p) for t, p in batches])
+    per_fast, per_slow = t_fast / n_batches * 1e3, t_slow / n_batches * 1e3
+    identical = all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+    per_image_same = all(
+        unet.iou_metric(t, p) == reference.iou_metric_notebook(t, p)
+        for t, p in zip(y_true, y_pred))
+    say(f"{n_batches} batches of {METRIC_BATCH} real {Y.shape[1]}x{Y.shape[2]} masks, "
+        f"predictions: {', '.join(kinds)}")
+    say(f"notebook (histogram2d) metric:  {per_slow:7.2f} ms per batch")
+    say(f"unet.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
+        f"{per_slow / per_fast:5.1f}x faster")
+    say(f"  batch values identical: {identical}; per-image values identical: {per_image_same}; "
+        f"mean score {np.mean(fast):.4f}")
+    return dict(n_batches=n_batches, per_fast=per_fast, per_slow=per_slow,
+                identical=identical and per_image_same, mean=float(np.mean(fast)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Compute bound
+
+
+def matmul_flops(dtype_name="float32", n=MATMUL_N, repeats=MATMUL_REPEATS):
+    """Best-of-`repeats` FLOP/s of an n x n @ n x n matmul with TensorFlow, after a warm-up."""
+    import tensorflow as tf
+
+    dtype = getattr(tf, dtype_name)
+    a = tf.cast(tf.random.normal((n, n), seed=1), dtype)
+    b = tf.cast(tf.random.normal((n, n), seed=2), dtype)
+
+    @tf.function
+    def step(a, b):
+        # One element out, so that only the matmul's time is measured, not a copy to NumPy.
+        return tf.matmul(a, b)[0, 0]
+
+    step(a, b).numpy()
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(a, b).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def model_flops(model):
+    """Forward FLOPs per image of the model's convolutions (a multiply-add is 2 FLOPs).
+
+    Conv2D: 2*kh*kw*cin*cout*Hout*Wout. Conv2DTranspose: every input pixel is multiplied by the
+    whole kh*kw*cin*cout kernel, 2*kh*kw*cin*cout*Hin*Win (= 2*cin*cout*Hout*Wout for the U-Net's
+    kernel 2, stride 2). Biases, ELU, dropout, pooling, concatenation and the loss are left out
+    (they are O(activations), not O(activations x channels)).
+    """
+    import keras
+
+    total, rows = 0, []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            _, h, w, cin = layer.input.shape
+        elif isinstance(layer, keras.layers.Conv2D):
+            cin = layer.input.shape[-1]
+            _, h, w, _ = layer.output.shape
+        else:
+            continue
+        kh, kw = layer.kernel_size
+        flops = 2 * kh * kw * cin * layer.filters * h * w
+        rows.append((layer.name, flops))
+        total += flops
+    return total, rows
+
+
+def bench_bound():
+    import unet
+
+    say("== 3. Compute bound " + "=" * 64)
+    f32 = matmul_flops("float32")
+    bf16 = matmul_flops("bfloat16")
+    model = unet.build_unet()
+    forward, _ = model_flops(model)
+    train_per_image = 3 * forward
+    bound = f32 / train_per_image
+    say(f"TensorFlow matmul {MATMUL_N}x{MATMUL_N}, best of {MATMUL_REPEATS}: "
+        f"float32 {f32 / 1e9:6.1f} GFLOP/s, bfloat16 {bf16 / 1e9:6.1f} GFLOP/s")
+    say(f"U-Net ({model.count_params():,} parameters): forward {forward / 1e9:.3f} GFLOP per "
+        f"image (convolutions, multiply-add = 2 FLOPs); training = 3 x forward "
+        f"(forward, input gradients, weight gradients) = {train_per_image / 1e9:.3f} GFLOP")
+    say(f"compute-bound training at float32 matmul speed: {bound:6.1f} images/s")
+    return dict(f32=f32, bf16=bf16, forward=forward, train_per_image=train_per_image,
+                bound=bound, params=model.count_params())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Training
+
+
+def bench_training(X, Y, train_dir, epochs, bound):
+    import keras
+
+    import unet
+
+    say("== 4. Training " + "=" * 69)
+    split = data.split_index(len(X), train_dir)
+    X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.validation = time.perf_counter(), None
+
+        def on_test_begin(self, logs=None):
+            self.validation = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            end = time.perf_counter()
+            train_part = (self.validation or end) - self.start
+            logs = dict(logs or {})
+            self.rows.append((end - self.start, train_part, logs))
+            say(f"epoch {epoch + 1}: {end - self.start:6.2f} s (training part "
+                f"{train_part:6.2f} s, {len(X_train) / train_part:5.1f} images/s)  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+
+    keras.utils.set_random_seed(config.SEED)
+    model = unet.build_unet()
+    timer = EpochTimer()
+    others = OtherCPU()
+    say(f"unet.build_unet(), batch size {config.BATCH_SIZE}, {len(X_train)} training and "
+        f"{len(X_val)} validation images, {epochs} epochs")
+    model.fit(X_train, Y_train, validation_data=(X_val, Y_val), batch_size=config.BATCH_SIZE,
+              epochs=epochs, shuffle=True, verbose=0, callbacks=[timer])
+    result = dict(n_train=len(X_train), n_val=len(X_val), rows=timer.rows,
+                  first=timer.rows[0][0], others=others.seconds())
+    steady = timer.rows[1:]
+    if steady:
+        epoch_time = float(np.mean([r[0] for r in steady]))
+        train_time = float(np.mean([r[1] for r in steady]))
+        result.update(epoch=epoch_time, train=train_time,
+                      ips_epoch=len(X_train) / epoch_time, ips_train=len(X_train) / train_time)
+        result.update(ratio=result["ips_train"] / bound,
+                      best=min(r[0] for r in steady), best_train=min(r[1] for r in steady))
+        say(f"steady state (epochs 2-{len(timer.rows)}, mean): epoch {epoch_time:.2f} s = "
+            f"{result['ips_epoch']:.1f} training images/s with validation; training part "
+            f"{train_time:.2f} s = {result['ips_train']:.1f} images/s = "
+            f"{result['ratio']:.0%} of the compute bound ({bound:.1f} images/s)")
+        say(f"fastest steady epoch {result['best']:.2f} s, its training part "
+            f"{result['best_train']:.2f} s = {len(X_train) / result['best_train']:.1f} images/s = "
+            f"{len(X_train) / result['best_train'] / bound:.0%} of the bound (some epochs start "
+            "with a stall of several seconds in which the process is idle)")
+    else:
+        say("only one epoch: no steady-state time (the first includes tracing); use --epochs 2+")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def other_cpu_note(seconds, wall):
+    if seconds is None:
+        return "CPU use by other processes: unknown"
+    note = (f"CPU used by other processes: {seconds:.1f} CPU-seconds in {wall:.0f} s "
+            f"({seconds / wall / os.cpu_count():.0%} of the machine)")
+    return note + (" - the timings are slowed by them" if seconds > 0.05 * wall * os.cpu_count()
+                   else "")
+
+
+def markdown(train_dir, load, metric, bound, training, others):
+    rows = [
+        ("Loading", "notebook loop (one resize per mask)", f"{load['t_notebook']:.2f} s", "1x"),
+        ("Loading", "`data.load_train`, cold", f"{load['t_cold']:.2f} s",
+         f"{load['t_notebook'] / load['t_cold']:.1f}x"),
+        ("Loading", "`data.load_train`, building the cache", f"{load['t_build']:.2f} s",
+         f"{load['t_notebook'] / load['t_build']:.1f}x"),
+        ("Loading", "`data.load_train`, from the cache", f"{load['t_cached']:.3f} s",
+         f"{load['t_notebook'] / load['t_cached']:.0f}x"),
+        ("Loading", "arrays (X, Y, ids) identical to the notebook loop's",
+         "yes" if load["identical"] else "**NO**", ""),
+        ("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{metric['per_slow']:.2f} ms",
+         "1x"),
+        ("Metric", f"`unet.iou_metric_batch`, batch of {METRIC_BATCH}",
+         f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
+        ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
+         "yes" if metric["identical"] else "**NO**", ""),
+        ("Bound", f"float32 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
+         f"{bound['f32'] / 1e9:.1f} GFLOP/s", ""),
+        ("Bound", f"bfloat16 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
+         f"{bound['bf16'] / 1e9:.1f} GFLOP/s", ""),
+        ("Bound", "U-Net forward FLOPs per image (convolutions)",
+         f"{bound['forward'] / 1e9:.3f} GFLOP", ""),
+        ("Bound", "training FLOPs per image (3 x forward)",
+         f"{bound['train_per_image'] / 1e9:.3f} GFLOP", ""),
+        ("Bound", "compute-bound training speed (float32)", f"{bound['bound']:.1f} images/s",
+         ""),
+        ("Training", "first epoch (includes tracing)", f"{training['first']:.2f} s", ""),
+    ]
+    if "epoch" in training:
+        rows += [
+            ("Training", "steady-state epoch, with validation",
+             f"{training['epoch']:.2f} s", f"{training['ips_epoch']:.1f} images/s"),
+            ("Training", "steady-state epoch, training part", f"{training['train']:.2f} s",
+             f"{training['ips_train']:.1f} images/s"),
+            ("Training", "training speed / compute bound", f"{training['ratio']:.0%}", ""),
+            ("Training", "fastest steady-state epoch, training part",
+             f"{training['best_train']:.2f} s",
+             f"{training['n_train'] / training['best_train']:.1f} images/s"),
+        ]
+    lines = [
+        f"Benchmark: `{train_dir}`, {len(load['ids'])} images, {os.cpu_count()} CPUs, "
+        f"batch size {config.BATCH_SIZE}, {training['n_train']} training / "
+        f"{training['n_val']} validation images, {len(training['rows'])} epochs.",
+        "",
+        "| Part | Measurement | Value | Speed-up / rate |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += ["", others]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.epochs < 1:
+        sys.exit("error: --epochs must be at least 1")
+    others, start = OtherCPU(), time.perf_counter()
+    try:
+        load = bench_loading(args.train_dir)
+    except data.InputError as error:
+        sys.exit(f"error: {error}")
+    metric = bench_metric(load["Y"])
+    bound = bench_bound()
+    training = bench_training(load["X"], load["Y"], args.train_dir, args.epochs, bound["bound"])
+    say(other_cpu_note(training["others"], sum(r[0] for r in training["rows"])) + " (training)")
+    note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"
+    say()
+    say(markdown(args.train_dir, load, metric, bound, training, note))
+    if not (load["identical"] and metric["identical"]):
+        sys.exit("error: the fast loader or metric differs from the notebook's")
+
+
+if __name__ == "__main__":
+    main()
