@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
-from skimage.measure import label
+from scipy import ndimage
 
 import config
 from data import InputError
@@ -21,6 +21,8 @@ UP = [(128, 0.2), (64, 0.2), (32, 0.1), (16, 0.1)]
 
 # The DSB2018 evaluation's IoU thresholds: 0.50, 0.55, ..., 0.95.
 THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+# Nuclei touching at a corner are one object, as with skimage's `label` that the kernel used.
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def conv_block(x, filters, dropout):
@@ -55,6 +57,16 @@ def build_unet(input_shape=None):
     return model
 
 
+def _label(mask):
+    """Connected components of a (H, W) or (H, W, 1) mask > 0.5, and the number of labels
+    including background (skimage's `label` without its per-call overhead)."""
+    mask = np.asarray(mask) > 0.5
+    if mask.ndim == 3:  # (H, W, 1): 2-D labelling is a third faster than 3-D
+        mask = mask[:, :, 0]
+    labels, count = ndimage.label(mask, EIGHT_CONNECTED)
+    return labels, count + 1
+
+
 def iou_metric(y_true_in, y_pred_in, print_table=False):
     """The DSB2018 score of one image: mean precision of object matching over IoU thresholds.
 
@@ -67,27 +79,28 @@ def iou_metric(y_true_in, y_pred_in, print_table=False):
     Bit for bit the kernel's result, including its quirks: an empty truth scores 0 even for an
     empty prediction, and the lowest label present is treated as background (so in an image
     that is all nucleus, that nucleus is ignored). Counting overlaps with `bincount` instead of
-    the kernel's `histogram2d` makes it about 10x faster.
+    the kernel's `histogram2d`, and counting matches only where objects overlap, makes it
+    about 7x faster; the two labelling calls are two thirds of what is left.
     """
-    true_labels = label(np.asarray(y_true_in) > 0.5)
-    pred_labels = label(np.asarray(y_pred_in) > 0.5)
-    n_true, n_pred = true_labels.max() + 1, pred_labels.max() + 1
+    true_labels, n_true = _label(y_true_in)
+    pred_labels, n_pred = _label(y_pred_in)
     pair_counts = np.bincount((true_labels * n_pred + pred_labels).ravel(),
                               minlength=n_true * n_pred).reshape(n_true, n_pred)
-    area_true = pair_counts.sum(axis=1, keepdims=True)
-    area_pred = pair_counts.sum(axis=0, keepdims=True)
+    area_true = pair_counts.sum(axis=1)
+    area_pred = pair_counts.sum(axis=0)
     # The kernel's histograms drop the first bin, which is label 0 when it occurs and label 1
     # (a nucleus) when the mask has no background.
-    first_true = 0 if area_true[0, 0] else 1
-    first_pred = 0 if area_pred[0, 0] else 1
-    intersection = pair_counts[first_true + 1:, first_pred + 1:].astype(np.float64)
-    union = area_true[first_true + 1:] + area_pred[:, first_pred + 1:] - intersection
-    iou = intersection / union
-    matches = iou[None] > THRESHOLDS[:, None, None]
-    matches_per_true = matches.sum(axis=2)
-    tp = (matches_per_true == 1).sum(axis=1)
-    fp = (matches.sum(axis=1) == 0).sum(axis=1)
-    fn = (matches_per_true == 0).sum(axis=1)
+    first_true = 1 if area_true[0] else 2
+    first_pred = 1 if area_pred[0] else 2
+    overlaps = pair_counts[first_true:, first_pred:]
+    rows, cols = np.nonzero(overlaps)
+    intersection = overlaps[rows, cols].astype(np.float64)
+    iou = intersection / (area_true[first_true:][rows] + area_pred[first_pred:][cols] - intersection)
+    # Objects are disjoint, so at IoU > 0.5 an object matches at most one other: a match is a
+    # true positive, and the unmatched objects on either side are the FN and FP.
+    tp = (iou[None, :] > THRESHOLDS[:, None]).sum(axis=1)
+    fp = (n_pred - first_pred) - tp
+    fn = (n_true - first_true) - tp
     total = tp + fp + fn
     precision = np.divide(tp, total, out=np.zeros(len(THRESHOLDS)), where=total > 0)
     if print_table:
