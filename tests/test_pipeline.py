@@ -80,7 +80,7 @@ def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
         assert all(s + l - 1 <= 50 * 70 for s, l in zip(numbers[::2], numbers[1::2]))
 
 
-def test_distribute_on_two_logical_cpus_with_mixed_precision(tmp_path):
+def test_distribute_on_two_logical_cpus_with_mixed_precision(tmp_path, small_images):
     """MirroredStrategy over two logical CPU devices (a stand-in for two GPUs), bfloat16 compute."""
     import subprocess
     import sys

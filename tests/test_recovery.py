@@ -102,14 +102,21 @@ keras.callbacks.CSVLogger.on_epoch_begin = on_epoch_begin
 # Writes digests of the images and masks fit trains and validates on.
 RECORD_SPLIT = """
 import hashlib, json, keras, numpy as np
+import train as _train
+digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
+record = {}
+_training_dataset = _train.training_dataset
+def training_dataset(X, Y, *args):
+    record["train"] = [digest(X), digest(Y > 0.5)]
+    return _training_dataset(X, Y, *args)
+_train.training_dataset = training_dataset
 _fit = keras.Model.fit
-def fit(self, x, y, *args, validation_data=None, **kwargs):
-    digest = lambda a: hashlib.sha256(np.asarray(a).tobytes()).hexdigest()
+def fit(self, *args, validation_data=None, **kwargs):
     x_val, y_val = validation_data
+    record["val"] = [digest(x_val), digest(y_val > 0.5)]
     with open(RECORD, "w") as f:
-        json.dump({"train": [digest(x), digest(y > 0.5)],
-                   "val": [digest(x_val), digest(y_val > 0.5)]}, f)
-    return _fit(self, x, y, *args, validation_data=validation_data, **kwargs)
+        json.dump(record, f)
+    return _fit(self, *args, validation_data=validation_data, **kwargs)
 keras.Model.fit = fit
 """
 
