@@ -304,7 +304,7 @@ def bench_training(X, Y, train_dir, epochs, bound):
                                      config.SEED),
               steps_per_epoch=math.ceil(len(X_train) / config.BATCH_SIZE),
               validation_data=(X_val, Y_val), batch_size=config.BATCH_SIZE, epochs=epochs,
-              verbose=0, callbacks=[timer])
+              shuffle=False, verbose=0, callbacks=[timer])
     result = dict(n_train=len(X_train), n_val=len(X_val), rows=timer.rows,
                   first=timer.rows[0][0], others=others.seconds())
     steady = timer.rows[1:]

@@ -153,7 +153,8 @@ def train(args):
     history = model.fit(training_dataset(X_train, Y_train, args.batch_size, args.seed),
                         steps_per_epoch=math.ceil(len(X_train) / args.batch_size),
                         validation_data=(X_val, Y_val), batch_size=args.batch_size,
-                        epochs=args.epochs, callbacks=callbacks)
+                        epochs=args.epochs, callbacks=callbacks,
+                        shuffle=False)  # the dataset reshuffles itself every epoch
     if csv_path.exists():
         plot_history(csv_path, png_path)
         print(f"History: {csv_path}, {png_path}")
