@@ -4,7 +4,9 @@ python train.py                                   # the bundled sample
 python train.py --train-dir ../shared/data/dsb2018/stage1_train
 """
 import argparse
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +43,27 @@ def history_paths(model_path):
 
 def backup_dir(model_path):
     return model_path.with_suffix(".backup")
+
+
+def repair_backup(backup):
+    """A kill while Keras writes the backup's small metadata file leaves invalid JSON, on which
+    Keras' own resume fails; fall back to the previous epoch's copies, as Keras does itself when
+    the weights file is the damaged one."""
+    metadata = backup / "training_metadata.json"
+    try:
+        json.loads(metadata.read_text())["epoch"]
+        return
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError):
+        pass
+    previous = [backup / "latest.weights.h5.bkp", backup / "training_metadata.json.bkp"]
+    if not all(path.exists() for path in previous):
+        raise data.InputError(f"{metadata}: damaged and no previous copy; delete {backup} "
+                              "to start over")
+    print(f"{metadata} is damaged: resuming from the previous epoch's backup")
+    os.replace(previous[0], backup / "latest.weights.h5")
+    os.replace(previous[1], metadata)
 
 
 def training_dataset(X, Y, batch_size, seed):
@@ -137,7 +160,9 @@ def train(args):
     model.summary()
 
     resuming = args.resume and backup.exists()
-    if args.resume and not resuming:
+    if resuming:
+        repair_backup(backup)
+    elif args.resume:
         print(f"Nothing to resume (no {backup}): starting a new run")
     csv_path, png_path = history_paths(model_path)
     callbacks = [

@@ -429,6 +429,20 @@ def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path
     assert not train.backup_dir(model_path).exists()
 
 
+def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, tree, small_images):
+    """A kill in the middle of the backup's metadata file leaves invalid JSON (here on top of a
+    cut weights file): --resume falls back to the previous epoch's copies."""
+    model_path = tmp_path / "unet.keras"
+    result = run_train(train_args(tree, model_path, 4), KILL_MID_BACKUP)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    metadata = train.backup_dir(model_path) / "training_metadata.json"
+    metadata.write_text(metadata.read_text()[:5])
+    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "is damaged: resuming from the previous epoch's backup" in result.stdout
+    assert list(history(model_path)["epoch"]) == [0, 1, 1, 2, 3]
+
+
 # 4. Safe loading -----------------------------------------------------------------------------
 
 def save_lambda_model(path):
