@@ -3,7 +3,7 @@ import pytest
 
 import config
 import data
-from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc, make_dsb_tree, write_png
+from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc, write_png
 from tests.reference import load_train_notebook
 
 

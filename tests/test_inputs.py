@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import config
 import data
 from tests.conftest import ROOT, make_dsb_tree, write_png
 

@@ -1,11 +1,9 @@
 import numpy as np
 import pandas as pd
-import pytest
 
-import config
 import predict
 import train
-from tests.conftest import make_dsb_tree
+from tests.conftest import ROOT, SMALL_SIZE, make_dsb_tree
 
 
 def rle_decode(encoded, shape):
@@ -44,12 +42,6 @@ def test_submission_resizes_back_and_labels_each_nucleus():
     assert first.shape == (16, 24) and first.any() and not (first & rle_decode(rows[1][1], (16, 24))).any()
 
 
-@pytest.fixture
-def small_images(monkeypatch):
-    monkeypatch.setattr(config, "IMG_HEIGHT", 32)
-    monkeypatch.setattr(config, "IMG_WIDTH", 32)
-
-
 def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     make_dsb_tree(train_dir, n_images=10)
@@ -85,7 +77,6 @@ def test_distribute_on_two_logical_cpus_with_mixed_precision(tmp_path, small_ima
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
 
     train_dir, model_path = tmp_path / "train", tmp_path / "unet.keras"
     # 18 training and 2 validation images in batches of 4: every replica gets at least one image
@@ -96,7 +87,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import config
-config.IMG_HEIGHT = config.IMG_WIDTH = 32
+config.IMG_HEIGHT = config.IMG_WIDTH = {SMALL_SIZE}
 import train
 train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!r}, "--epochs", "1",
             "--batch-size", "4", "--no-cache", "--distribute", "--mixed-precision"])

@@ -25,10 +25,8 @@ import pytest
 import config
 import data
 import train
-from tests.conftest import make_dsb_tree
-
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 32  # the network's input in these tests, instead of 128
+from tests.conftest import ROOT, make_dsb_tree
+from tests.conftest import SMALL_SIZE as SIZE
 
 PRELUDE = f"""
 import os, signal, sys, time
@@ -193,12 +191,6 @@ def weights(model_path):
 
 def same_weights(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-@pytest.fixture
-def small_images(monkeypatch):
-    monkeypatch.setattr(config, "IMG_HEIGHT", SIZE)
-    monkeypatch.setattr(config, "IMG_WIDTH", SIZE)
 
 
 @pytest.fixture
@@ -454,7 +446,6 @@ def save_lambda_model(path):
 
 
 def test_load_unet_refuses_other_formats_and_missing_files(tmp_path):
-    import unet
 
     h5 = tmp_path / "model.h5"
     h5.write_bytes(b"\x89HDF\r\n\x1a\n")
@@ -486,7 +477,6 @@ def test_load_unet_calls_a_damaged_file_damaged(tmp_path, small_images):
 
 
 def test_load_unet_refuses_a_lambda_layer(tmp_path):
-    import unet
 
     path = tmp_path / "lambda.keras"
     save_lambda_model(path)
