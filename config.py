@@ -33,5 +33,45 @@ OUT_DIR = Path("predictions")
 # Resized arrays are cached here, keyed by the folder's file list, sizes, times and the settings.
 CACHE_DIR = Path.home() / ".cache" / "dsb2018-unet"
 
+# A recipe is data, not a second pipeline: train.py saves the one it used inside the model file
+# and predict.py applies it from there. "notebook" is the default and reproduces the notebook.
+RECIPES = {
+    "notebook": {
+        "input": "rgb_128",      # whole images shrunk to IMG_HEIGHT x IMG_WIDTH, RGB, x / 255
+        "outputs": 1,            # one sigmoid channel: nucleus
+        "loss": "bce",
+        "post": "components",    # connected components of the mask resized back to full size
+        "threshold": THRESHOLD,
+        "batch_size": BATCH_SIZE,
+        "epochs": EPOCHS,
+        "patience": PATIENCE,
+        "mixed_precision": False,
+    },
+    "instance": {
+        # Native resolution, grey, bright backgrounds inverted, per-image percentile scaling:
+        # every kind of image then shows bright nuclei on a dark background.
+        "input": "grey_native",
+        # Nucleus, its 2-pixel inner contour, and the gaps where two nuclei touch.
+        "outputs": 3,
+        "loss": "bce_dice",
+        "crop": 256,             # training crops; whole images at prediction, padded to x16
+        "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
+        "scale_range": [0.5, 2.0],
+        "post": "watershed",     # seeds = nucleus without contour, flooded over the nucleus
+        "threshold": 0.5,
+        "seed_threshold": 0.5,   # contour probability below which a nucleus pixel is a seed
+        "min_size": 16,          # smaller objects (pixels at full size) are dropped
+        "tta": True,             # mean of the 4 flips
+        "batch_size": 8,
+        "epochs": 28,            # about 30 minutes on 2 CPU cores in bfloat16
+        "patience": 10,
+        "mixed_precision": True,
+    },
+}
+
+# The recipe settings that only change how probabilities become nuclei: `predict.py --set` and
+# `--tune` may change them in a trained model; train.py ignores them when it compares recipes.
+POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta")
+
 # Images larger than this are refused as decompression bombs; DSB2018's largest is 1040x1388.
 MAX_IMAGE_PIXELS = 64_000_000

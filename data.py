@@ -21,6 +21,7 @@ Two things keep it that way on today's stack and make it fast:
 No TensorFlow here, so the data tests and `--help` stay fast.
 """
 import hashlib
+import json
 import os
 import warnings
 import zipfile
@@ -235,3 +236,147 @@ def split_index(n, folder):
     if not 0 < split < n:
         raise InputError(f"{folder}: {n} images cannot be split into training and validation")
     return split
+
+
+# Kinds of image, by a rule on the pixels: colour when the channels differ by more than this on
+# average (stained histology), else bright-field when the median grey is above half range,
+# else dark-background fluorescence.
+COLOUR_SPREAD = 10
+KINDS = ("fluorescence", "bright-field", "histology")
+
+
+def image_kind(image):
+    """'fluorescence', 'bright-field' or 'histology' for a uint8 (H, W, 3) image."""
+    spread = (image.max(axis=2).astype(np.int16) - image.min(axis=2)).mean()
+    if spread > COLOUR_SPREAD:
+        return "histology"
+    return "bright-field" if np.median(image) > 127 else "fluorescence"
+
+
+def read_labels(folder, id_, shape):
+    """The id's nuclei at full size as one int32 label image: mask file k (sorted) is label k+1."""
+    mask_dir = Path(folder) / id_ / "masks"
+    labels = np.zeros(shape, dtype=np.int32)
+    for k, name in enumerate(_png_files(mask_dir) if mask_dir.is_dir() else [], start=1):
+        mask = read_mask(mask_dir / name)
+        if mask.shape != shape:
+            raise InputError(f"{mask_dir / name}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+                             f"its image is {shape[1]}x{shape[0]}")
+        labels[mask] = k
+    return labels
+
+
+def _load_native(folder, id_, with_labels):
+    image_path = Path(folder) / id_ / "images" / f"{id_}.png"
+    if not image_path.is_file():
+        raise InputError(f"{image_path}: missing (every id folder needs images/<id>.png)")
+    image = read_image(image_path)
+    return image, (read_labels(folder, id_, image.shape[:2]) if with_labels else None)
+
+
+def load_native(folder, ids, with_labels=True):
+    """(images, label images) of `ids` at their original size: uint8 (H, W, 3) and int32 (H, W),
+    every mask file its own nucleus (the competition's truth); labels are None without masks."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        results = list(tqdm(pool.map(lambda id_: _load_native(folder, id_, with_labels), ids),
+                            total=len(ids), desc="full-size images"))
+    return [image for image, _ in results], [labels for _, labels in results]
+
+
+def grey_input(image):
+    """The instance recipe's input, float32 (H, W, 1): grey, inverted when the background is
+    bright (bright-field, histology), scaled so that the 1st and 99.8th percentiles are 0 and 1."""
+    grey = image.astype(np.float32).mean(axis=2)
+    if image_kind(image) != "fluorescence":
+        grey = 255 - grey
+    low, high = np.percentile(grey, (1, 99.8))
+    return ((grey - low) / max(high - low, 1e-3))[:, :, None].astype(np.float32)
+
+
+def instance_targets(labels):
+    """The instance recipe's three targets, uint8 (H, W, 3) of 0/1, from a label image:
+    - nucleus: any nucleus pixel;
+    - contour: nucleus pixels within 2 pixels (5x5 window) of another label or background;
+    - gap: pixels with two different nuclei within 1 pixel (3x3 window): where nuclei touch,
+      or nearly do, the line the network must learn to leave open."""
+    from scipy import ndimage
+
+    nucleus = labels > 0
+    window_max = ndimage.maximum_filter(labels, size=5, mode="nearest")
+    window_min = ndimage.minimum_filter(labels, size=5, mode="nearest")
+    contour = nucleus & ((window_max != labels) | (window_min != labels))
+    # Background counts as the largest label for the lowest, so that it never hides a nucleus.
+    highest = ndimage.maximum_filter(labels, size=3, mode="nearest")
+    lowest = ndimage.minimum_filter(np.where(nucleus, labels, np.iinfo(labels.dtype).max),
+                                    size=3, mode="nearest")
+    gap = (highest > 0) & (lowest < highest)
+    return np.stack([nucleus, contour, gap], axis=-1).astype(np.uint8)
+
+
+def pad_to(array, height, width):
+    """`array` (H, W, ...) reflect-padded at the bottom and right to at least height x width."""
+    pad = [(0, max(height - array.shape[0], 0)), (0, max(width - array.shape[1], 0))]
+    return np.pad(array, pad + [(0, 0)] * (array.ndim - 2), mode="reflect")
+
+
+def training_crop(x, labels, recipe, rng):
+    """One augmented training pair from a full-size input (H, W, 1) and its label image: a
+    random square window, rescaled to the recipe's crop size (nucleus sizes differ several-fold
+    between kinds of image), flipped and turned, brightness and contrast jittered; targets
+    computed after the rescale, so contours stay 2 pixels wide. Returns float32 (S, S, 1) and
+    uint8 (S, S, 3)."""
+    size = recipe["crop"]
+    scale = 1.0
+    if recipe["augment"]:
+        low, high = np.log(recipe["scale_range"])
+        scale = float(np.exp(rng.uniform(low, high)))
+    window = max(round(size / scale), 8)
+    x, labels = pad_to(x, window, window), pad_to(labels, window, window)
+    top = rng.integers(0, x.shape[0] - window + 1)
+    left = rng.integers(0, x.shape[1] - window + 1)
+    x = x[top:top + window, left:left + window]
+    labels = labels[top:top + window, left:left + window]
+    if window != size:
+        x = resize(x, (size, size), order=1, mode="reflect", anti_aliasing=False)
+        labels = resize(labels, (size, size), order=0, mode="edge", anti_aliasing=False,
+                        preserve_range=True).astype(np.int32)
+    y = instance_targets(labels)[..., :recipe["outputs"]]
+    if recipe["augment"]:
+        turns, flip = rng.integers(4), rng.integers(2)
+        x, y = np.rot90(x, turns), np.rot90(y, turns)
+        if flip:
+            x, y = x[:, ::-1], y[:, ::-1]
+        x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.2, 0.2)
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)
+
+
+def centre_crop(x, labels, recipe):
+    """The fixed validation pair of an image: its centre crop-sized window (padded if smaller)."""
+    size = recipe["crop"]
+    x, labels = pad_to(x, size, size), pad_to(labels, size, size)
+    top, left = (x.shape[0] - size) // 2, (x.shape[1] - size) // 2
+    window = (slice(top, top + size), slice(left, left + size))
+    return x[window].astype(np.float32), instance_targets(labels[window])[..., :recipe["outputs"]]
+
+
+def recipe_with(recipe, settings, allowed=None):
+    """A copy of `recipe` with KEY=VALUE settings (JSON values, e.g. --set augment=false); each
+    key must be one of the recipe's (and of `allowed`), its value of the same type."""
+    recipe = dict(recipe)
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        keys = sorted(k for k in recipe if allowed is None or k in allowed)
+        if key not in keys:
+            raise InputError(f"--set {setting}: no setting {key!r} here (settable: {', '.join(keys)})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise InputError(f"--set {setting}: {text!r} is not a JSON value") from None
+        if type(value) is not type(recipe[key]) and not (
+                type(value) is int and type(recipe[key]) is float):
+            raise InputError(f"--set {setting}: {key} takes a {type(recipe[key]).__name__}")
+        recipe[key] = value
+    if recipe["post"] == "watershed" and recipe["outputs"] < 3:
+        raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "
+                         f"not outputs={recipe['outputs']}")
+    return recipe

@@ -1,8 +1,11 @@
-"""Predict with a trained U-Net: image / mask / prediction triptychs, the DSB2018 metric on the
-validation split, and a Kaggle submission CSV for the test images.
+"""Predict with a trained U-Net: the competition's score on the validation split, image / mask /
+prediction triptychs, and a Kaggle submission CSV for the test images.
 
 python predict.py            # headless: PNGs and submission.csv in --out-dir
 python predict.py --show     # also open the triptychs in windows
+python predict.py --solution stage1_solution.csv   # also score the submission
+
+The model file carries its recipe (config.RECIPES); the post-processing follows it.
 """
 import argparse
 import os
@@ -16,6 +19,13 @@ import config
 import data
 
 
+def probability(text):
+    value = float(text)
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a probability strictly between 0 and 1")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -27,8 +37,17 @@ def parse_args(argv):
                         help="DSB2018 folder of test images (no masks needed)")
     parser.add_argument("--out-dir", type=Path, default=config.OUT_DIR,
                         help="where the triptychs and submission.csv go")
-    parser.add_argument("--threshold", type=float, default=config.THRESHOLD,
-                        help="probability above which a pixel is nucleus")
+    parser.add_argument("--solution", type=Path,
+                        help="score the submission against this solution CSV "
+                             "(ImageId,EncodedPixels,Height,Width[,Usage])")
+    parser.add_argument("--threshold", type=probability,
+                        help="probability above which a pixel is nucleus; default: the recipe's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"change a post-processing setting of the model's recipe "
+                             f"({', '.join(config.POST_SETTINGS)}), e.g. --set tta=false")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose threshold, seed_threshold and min_size on the validation "
+                             "split and save them in the model's recipe")
     parser.add_argument("--seed", type=int, default=config.SEED,
                         help="picks the sample images shown")
     parser.add_argument("--show", action="store_true", help="open the triptychs in windows")
@@ -37,25 +56,188 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def run_lengths(labels):
+    """Kaggle's run-length encoding of every object of a label image at once: {label: "start
+    length ..."}, pixels numbered from 1, top to bottom then left to right. Runs continue from
+    the bottom of one column to the top of the next, as in the Kaggle kernel."""
+    flat = np.asarray(labels).T.ravel()
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate([[0], edges])
+    lengths = np.diff(np.concatenate([starts, [flat.size]]))
+    values = flat[starts]
+    runs = {}
+    for value, start, length in zip(values, starts, lengths):
+        if value:
+            runs.setdefault(int(value), []).append(f"{start + 1} {length}")
+    return {value: " ".join(parts) for value, parts in sorted(runs.items())}
+
+
 def rle_encoding(mask):
-    """Kaggle's run-length encoding of a 2-D mask: pixels numbered from 1, top to bottom then
-    left to right, as "start length" pairs."""
-    pixels = np.concatenate([[False], np.asarray(mask, dtype=bool).T.ravel(), [False]])
-    edges = np.flatnonzero(pixels[1:] != pixels[:-1])
-    starts, ends = edges[::2], edges[1::2]
-    return " ".join(f"{start + 1} {end - start}" for start, end in zip(starts, ends))
+    """Kaggle's run-length encoding of one 2-D mask ("" when empty)."""
+    return run_lengths(np.asarray(mask, dtype=np.uint8)).get(1, "")
 
 
-def submission_rows(preds_test, sizes_test, test_ids, threshold):
-    """(ImageId, EncodedPixels) rows: each prediction resized back to its image's size, one row
-    per connected component; an image with no nucleus gets one row with no pixels."""
+def rle_decode(encoded, shape, where="run-length"):
+    """The bool (height, width) mask of a run-length string; an InputError names `where` when
+    the runs do not fit the image."""
+    try:
+        numbers = np.array(encoded.split(), dtype=np.int64)
+    except ValueError:
+        raise data.InputError(f"{where}: run values are not integers") from None
+    if len(numbers) % 2:
+        raise data.InputError(f"{where}: odd number of run values ({len(numbers)})")
+    starts, lengths = numbers[::2] - 1, numbers[1::2]
+    size = shape[0] * shape[1]
+    if len(numbers) and (starts.min() < 0 or lengths.min() < 1):
+        raise data.InputError(f"{where}: runs start at pixel 1 and have a length of at least 1")
+    if len(numbers) and (starts + lengths).max() > size:
+        raise data.InputError(f"{where}: a run ends at pixel {(starts + lengths).max()}, past "
+                              f"the image's {shape[0]}x{shape[1]} = {size} pixels")
+    flat = np.zeros(size, dtype=bool)
+    for start, length in zip(starts, lengths):
+        flat[start:start + length] = True
+    return flat.reshape(shape[1], shape[0]).T
+
+
+def read_solution(path):
+    """A solution CSV in the competition's format as {ImageId: int32 label image}, one label per
+    row with pixels (rows with Usage 'Ignored' left out); an InputError names the file and row."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except FileNotFoundError:
+        raise data.InputError(f"{path}: no such solution file") from None
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise data.InputError(f"{path}: not a readable CSV ({error})") from None
+    for column in ("ImageId", "EncodedPixels", "Height", "Width"):
+        if column not in table.columns:
+            raise data.InputError(f"{path}: no {column} column (has {', '.join(table.columns)})")
+    truth = {}
+    for row, record in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        where = f"{path} row {row}"
+        try:
+            shape = int(record.Height), int(record.Width)
+        except ValueError:
+            raise data.InputError(f"{where}: Height and Width must be integers") from None
+        if min(shape) < 1:
+            raise data.InputError(f"{where}: Height and Width must be at least 1")
+        labels = truth.setdefault(record.ImageId, np.zeros(shape, dtype=np.int32))
+        if labels.shape != shape:
+            raise data.InputError(f"{where}: {record.ImageId} is {shape[0]}x{shape[1]} here "
+                                  f"but {labels.shape[0]}x{labels.shape[1]} in an earlier row")
+        if getattr(record, "Usage", "") == "Ignored" or not record.EncodedPixels.strip():
+            continue
+        labels[rle_decode(record.EncodedPixels, shape, where)] = labels.max() + 1
+    if not truth:
+        raise data.InputError(f"{path}: no rows")
+    return truth
+
+
+def labels_from_rows(rows, shapes):
+    """{ImageId: label image} of submission rows: each row one object, numbered in row order."""
+    labels = {id_: np.zeros(shape, dtype=np.int32) for id_, shape in shapes.items()}
+    for id_, encoded in rows:
+        if encoded:
+            image = labels[id_]
+            image[rle_decode(encoded, image.shape)] = image.max() + 1
+    return labels
+
+
+def predict_full(model, x, tta):
+    """A full-size probability map (H, W, outputs) of one input (H, W, C): reflect-padded to a
+    multiple of 16 (the four 2x2 poolings), cropped back; with `tta` the mean over the four
+    flips, each undone."""
+    height, width = x.shape[:2]
+    padded = data.pad_to(x, -(-height // 16) * 16, -(-width // 16) * 16)
+    flips = [(), (0,), (1,), (0, 1)] if tta else [()]
+    total = 0
+    for axes in flips:
+        flipped = np.flip(padded, axis=axes) if axes else padded
+        out = model(flipped[None], training=False)[0].numpy()
+        total = total + (np.flip(out, axis=axes) if axes else out)
+    return (total / len(flips))[:height, :width]
+
+
+def nuclei_labels(prob, shape, recipe):
+    """The nuclei of one image as an int32 label image of its original `shape`, from the
+    network's probabilities, by the recipe's post-processing; the submission writes exactly
+    these objects.
+    - components (the Kaggle kernel's): the nucleus channel resized back, thresholded, its
+      8-connected components;
+    - watershed: seeds are nucleus pixels away from contours and gaps, flooded over the
+      nucleus mask with the contour and gap probabilities as the relief, so touching nuclei
+      meet at the line between them; a piece of mask no seed reached is a nucleus of its own.
+    Then objects under min_size pixels (when the recipe has one) are dropped."""
+    return drop_small(segment(prob, shape, recipe), recipe.get("min_size", 0))
+
+
+def segment(prob, shape, recipe):
+    from scipy import ndimage
     from skimage.measure import label
+    from skimage.segmentation import watershed
 
+    nucleus = prob[..., 0]
+    if nucleus.shape != tuple(shape):
+        nucleus = data.resize_2018(nucleus, shape)
+    mask = nucleus > recipe["threshold"]
+    if recipe["post"] == "components":
+        return label(mask).astype(np.int32)
+    contour, gap = prob[..., 1], prob[..., 2]
+    seeds, _ = ndimage.label(mask & (contour < recipe["seed_threshold"]) &
+                             (gap < recipe["seed_threshold"]))
+    labels = watershed(contour + gap, seeds, mask=mask)
+    orphans, _ = ndimage.label(mask & (labels == 0))
+    return np.where(orphans > 0, orphans + labels.max(), labels).astype(np.int32)
+
+
+def drop_small(labels, min_size):
+    """`labels` without objects under min_size pixels, renumbered 1..n."""
+    from skimage.segmentation import relabel_sequential
+
+    if min_size > 1:
+        labels = np.where(np.bincount(labels.ravel())[labels] < min_size, 0, labels)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+# What --tune tries on the validation split (every combination).
+TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "seed_threshold": [0.3, 0.5, 0.7],
+             "min_size": [0, 8, 16, 32, 64]}
+
+
+def tune(probs, truths, recipe):
+    """The post-processing settings with the best mean competition score on the validation
+    split: [(score, settings)] best first. min_size is tried last, on each segmentation."""
+    import itertools
+
+    import unet
+
+    grid = dict(TUNE_GRID)
+    if recipe["post"] == "components":
+        grid["seed_threshold"] = [recipe.get("seed_threshold")]
+    results = []
+    for threshold, seed_threshold in itertools.product(grid["threshold"], grid["seed_threshold"]):
+        settings = {**recipe, "threshold": threshold, "seed_threshold": seed_threshold}
+        segmented = [segment(p, t.shape, settings) for p, t in zip(probs, truths)]
+        for min_size in grid["min_size"]:
+            score = np.mean([unet.competition_score(t, drop_small(s, min_size))
+                             for t, s in zip(truths, segmented)])
+            chosen = {"threshold": threshold, "seed_threshold": seed_threshold,
+                      "min_size": min_size}
+            results.append((float(score), {k: v for k, v in chosen.items() if v is not None}))
+    return sorted(results, key=lambda result: -result[0])
+
+
+def submission_rows(label_images, ids):
+    """(ImageId, EncodedPixels) rows: one per nucleus; an image with none gets one empty row."""
     rows = []
-    for pred, (height, width), id_ in zip(preds_test, sizes_test, test_ids):
-        labels = label(data.resize_2018(np.squeeze(pred, axis=-1), (height, width)) > threshold)
-        rows.extend((id_, rle_encoding(labels == n)) for n in range(1, labels.max() + 1))
-        if labels.max() == 0:
+    for labels, id_ in zip(label_images, ids):
+        encoded = run_lengths(labels)
+        # Each pixel belongs to at most one object: the competition refused overlaps.
+        assert sum(int(n) for runs in encoded.values() for n in runs.split()[1::2]) == \
+            np.count_nonzero(labels), f"{id_}: overlapping objects"
+        rows.extend((id_, runs) for runs in encoded.values())
+        if not encoded:
             rows.append((id_, ""))
     return rows
 
@@ -87,48 +269,108 @@ def main(argv=None):
         sys.exit(f"error: {error}")
 
 
+class Predictor:
+    """The model and its recipe: probabilities of full-size images and their nuclei."""
+
+    def __init__(self, model, recipe):
+        self.model, self.recipe = model, recipe
+
+    def probabilities(self, images):
+        if self.recipe["input"] == "rgb_128":
+            size = (config.IMG_HEIGHT, config.IMG_WIDTH)
+            X = np.stack([data.resize_2018(image, size).astype(np.uint8) for image in images])
+            return list(self.model.predict(X, verbose=0))
+        return [predict_full(self.model, data.grey_input(image), self.recipe["tta"])
+                for image in images]
+
+    def nuclei(self, images):
+        return [nuclei_labels(prob, image.shape[:2], self.recipe)
+                for prob, image in zip(self.probabilities(images), images)]
+
+
+def report_scores(scores, kinds, truths, preds):
+    """The competition's score on the validation split, overall and by kind of image."""
+    print(f"\nCompetition score (original resolution, every mask file one nucleus), validation: "
+          f"{np.mean(scores):.4f} ({len(scores)} images, {sum(int(t.max()) for t in truths):,} "
+          f"nuclei, {sum(int(p.max()) for p in preds):,} predicted)")
+    for kind in data.KINDS:
+        chosen = [score for score, k in zip(scores, kinds) if k == kind]
+        value = f"{np.mean(chosen):.4f}" if chosen else "-"
+        print(f"  {kind:<13} {len(chosen):>3} images  {value}")
+
+
 def predict(args):
-    cache_dir = None if args.no_cache else config.CACHE_DIR
-    X, Y, ids = data.load_train(args.train_dir, cache_dir=cache_dir)
-    X_test, sizes_test, test_ids = data.load_test(args.test_dir, cache_dir=cache_dir)
-    split = data.split_index(len(X), args.train_dir)
+    import unet  # after the cheap checks of parse_args
+
+    solution = read_solution(args.solution) if args.solution else None
+    model = unet.load_unet(args.model_path)
+    recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
+    if args.threshold is not None:
+        recipe["threshold"] = args.threshold
+    ids = data.list_ids(args.train_dir)
+    split = data.split_index(len(ids), args.train_dir)
+    test_ids = data.list_ids(args.test_dir)
 
     import matplotlib
     if not args.show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import unet
-
-    model = unet.load_unet(args.model_path)
-    # The first 90% was used for training, the last 10% for validation.
-    preds_train = model.predict(X[:split], verbose=1)
-    preds_val = model.predict(X[split:], verbose=1)
-    preds_test = model.predict(X_test, verbose=1)
-    preds_train_t = preds_train > args.threshold
-    preds_val_t = preds_val > args.threshold
+    predictor = Predictor(model, recipe)
+    val_images, val_truths = data.load_native(args.train_dir, ids[split:])
+    val_probs = predictor.probabilities(val_images)
+    if args.tune:
+        results = tune(val_probs, val_truths, recipe)
+        print("\nCompetition score on the validation split by post-processing setting (best 10):")
+        for score, settings in results[:10]:
+            print(f"  {score:.4f}  " + "  ".join(f"{k}={v}" for k, v in settings.items()))
+        recipe.update(results[0][1])
+        unet.write_recipe(args.model_path, recipe)
+        print(f"Saved the best in {args.model_path}'s recipe: " +
+              ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
+    val_preds = [nuclei_labels(prob, truth.shape, recipe)
+                 for prob, truth in zip(val_probs, val_truths)]
+    scores = [unet.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
+    kinds = [data.image_kind(image) for image in val_images]
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    ix, iv = rng.randrange(split), split + rng.randrange(len(X) - split)
-    save_triptych(plt, X[ix], Y[ix], preds_train_t[ix], f"train: {ids[ix]}",
-                  args.out_dir / "train_sample.png")
-    save_triptych(plt, X[iv], Y[iv], preds_val_t[iv - split], f"validation: {ids[iv]}",
+    ix, iv = rng.randrange(split), rng.randrange(len(ids) - split)
+    train_images, train_truths = data.load_native(args.train_dir, [ids[ix]])
+    save_triptych(plt, train_images[0], train_truths[0] > 0, predictor.nuclei(train_images)[0] > 0,
+                  f"train: {ids[ix]}", args.out_dir / "train_sample.png")
+    save_triptych(plt, val_images[iv], val_truths[iv] > 0, val_preds[iv] > 0,
+                  f"validation: {ids[split + iv]}, competition score {scores[iv]:.3f}",
                   args.out_dir / "val_sample.png")
 
-    print(f"\nDSB2018 metric of validation image {ids[iv]}:")
-    unet.iou_metric(Y[iv], preds_val_t[iv - split], print_table=True)
-    print(f"\nMean DSB2018 metric: train {unet.iou_metric_batch(Y[:split], preds_train_t):.4f} "
-          f"({split} images), validation {unet.iou_metric_batch(Y[split:], preds_val_t):.4f} "
-          f"({len(X) - split} images)")
+    print(f"\nCompetition score of validation image {ids[split + iv]}:")
+    unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
+    report_scores(scores, kinds, val_truths, val_preds)
+    if recipe["input"] == "rgb_128":
+        X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
+        preds = model.predict(X, verbose=0) > recipe["threshold"]
+        print(f"Notebook's metric (128x128, connected components of the merged masks): train "
+              f"{unet.iou_metric_batch(Y[:split], preds[:split]):.4f} ({split} images), "
+              f"validation {unet.iou_metric_batch(Y[split:], preds[split:]):.4f} "
+              f"({len(X) - split} images)")
 
     import pandas as pd
 
-    rows = submission_rows(preds_test, sizes_test, test_ids, args.threshold)
+    test_images, _ = data.load_native(args.test_dir, test_ids, with_labels=False)
+    rows = submission_rows(predictor.nuclei(test_images), test_ids)
     submission = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     csv_path = args.out_dir / "submission.csv"
     write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
-    print(f"Wrote {csv_path}: {len(submission)} nuclei in {len(test_ids)} test images")
+    print(f"Wrote {csv_path}: {sum(1 for _, runs in rows if runs)} nuclei in {len(test_ids)} "
+          f"test images")
+    if solution is not None:
+        shapes = {id_: labels.shape for id_, labels in solution.items()}
+        submitted = labels_from_rows([row for row in rows if row[0] in shapes], shapes)
+        test_scores = [unet.competition_score(solution[id_], submitted[id_]) for id_ in solution]
+        print(f"Competition score of {csv_path} against {args.solution}: "
+              f"{np.mean(test_scores):.4f} ({len(solution)} images, "
+              f"{sum(int(l.max()) for l in solution.values()):,} nuclei; images missing from the "
+              f"submission score 0)")
     if args.show:
         plt.show()
 

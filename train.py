@@ -2,6 +2,7 @@
 
 python train.py                                   # the bundled sample
 python train.py --train-dir ../shared/data/dsb2018/stage1_train
+python train.py --train-dir ../shared/data/dsb2018/stage1_train --recipe instance
 """
 import argparse
 import json
@@ -9,6 +10,8 @@ import math
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import config
 import data
@@ -19,9 +22,15 @@ def parse_args(argv):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
                         help="DSB2018 folder of <id>/images and <id>/masks")
-    parser.add_argument("--epochs", type=int, default=config.EPOCHS)
-    parser.add_argument("--batch-size", type=int, default=config.BATCH_SIZE,
-                        help="global batch size (split across devices with --distribute)")
+    parser.add_argument("--recipe", choices=sorted(config.RECIPES), default="notebook",
+                        help="notebook: the notebook, bit for bit; instance: native resolution, "
+                             "contour outputs and watershed (see config.RECIPES)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one recipe setting (a JSON value), e.g. --set augment=false")
+    parser.add_argument("--epochs", type=int, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=int,
+                        help="global batch size (split across devices with --distribute); "
+                             "default: the recipe's")
     parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
                         help="best model (.keras); its history goes next to it")
     parser.add_argument("--seed", type=int, default=config.SEED,
@@ -78,6 +87,56 @@ def training_dataset(X, Y, batch_size, seed):
             .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
 
 
+def crop_dataset(inputs, labels, recipe, batch_size, seed):
+    """The instance recipe's training stream: every epoch one random augmented crop of each
+    training image, in a new order, built by data.training_crop."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    size = recipe["crop"]
+
+    def crops():
+        while True:
+            for n in rng.permutation(len(inputs)):
+                yield data.training_crop(inputs[n], labels[n], recipe, rng)
+
+    signature = (tf.TensorSpec((size, size, 1), tf.float32),
+                 tf.TensorSpec((size, size, recipe["outputs"]), tf.uint8))
+    return (tf.data.Dataset.from_generator(crops, output_signature=signature)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def load_notebook_data(args):
+    """The notebook's arrays; training as a shuffled stream, validation as arrays."""
+    X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
+    print(f"X_train {X.shape} {X.dtype}, Y_train {Y.shape} {Y.dtype}, "
+          f"nucleus pixels {Y.mean():.1%}")
+    # The notebook's validation_split: Keras takes the validation images from the end.
+    split = data.split_index(len(X), args.train_dir)
+    # Float labels: the loss casts them anyway, and MirroredStrategy cannot sum bool tensors.
+    Y = Y.astype("float32")
+    print(f"{split} training and {len(X) - split} validation images")
+    return (lambda batch_size: training_dataset(X[:split], Y[:split], batch_size, args.seed),
+            split, X[split:], Y[split:])
+
+
+def load_instance_data(args, recipe):
+    """Full-size images and their nuclei: random crops for training, each validation image's
+    centre crop for val_loss (the same split as the notebook's)."""
+    ids = data.list_ids(args.train_dir)
+    split = data.split_index(len(ids), args.train_dir)
+    images, labels = data.load_native(args.train_dir, ids)
+    inputs = [data.grey_input(image) for image in images]
+    pairs = [data.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
+    X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+    print(f"{split} training images (random {recipe['crop']}x{recipe['crop']} crops) and "
+          f"{len(ids) - split} validation images (centre crops), "
+          f"{sum(int(l.max()) for l in labels[:split]):,} training nuclei")
+    return (lambda batch_size: crop_dataset(inputs[:split], labels[:split], recipe, batch_size,
+                                            args.seed),
+            split, X_val, Y_val)
+
+
 def plot_history(csv_path, png_path):
     """Learning curves from the history CSV (all epochs, resumed runs included)."""
     import matplotlib
@@ -87,8 +146,9 @@ def plot_history(csv_path, png_path):
 
     history = pd.read_csv(csv_path).drop_duplicates("epoch", keep="last")
     epochs = history["epoch"] + 1
-    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name in ((ax_loss, "loss"), (ax_iou, "my_iou_metric")):
+    names = [name for name in ("loss", "my_iou_metric") if name in history]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
         ax.plot(epochs, history[name], "o-", label="train")
         ax.plot(epochs, history[f"val_{name}"], "o-", label="validation")
         ax.set_xlabel("epoch")
@@ -108,24 +168,30 @@ def main(argv=None):
 
 
 def train(args):
+    recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
+    epochs = args.epochs or recipe["epochs"]
+    batch_size = args.batch_size or recipe["batch_size"]
     model_path = args.model_path
     if model_path.suffix != ".keras":
         raise data.InputError(f"{model_path}: the model path must end in .keras")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
     backup = backup_dir(model_path)
     if backup.exists() and not args.resume:
         raise data.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
                               "or delete the folder to start over")
 
-    X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
-    print(f"X_train {X.shape} {X.dtype}, Y_train {Y.shape} {Y.dtype}, "
-          f"nucleus pixels {Y.mean():.1%}")
-    # The notebook's validation_split: Keras takes the validation images from the end.
-    split = data.split_index(len(X), args.train_dir)
-    # Float labels: the loss casts them anyway, and MirroredStrategy cannot sum bool tensors.
-    Y = Y.astype("float32")
-    X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
-    print(f"{len(X_train)} training and {len(X_val)} validation images")
+    if model_path.exists():
+        import unet
+
+        saved = unet.read_recipe(model_path)
+        if any(saved.get(key) != value for key, value in recipe.items()
+               if key not in config.POST_SETTINGS):
+            raise data.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
+                                  f"{saved['post']}); choose another --model-path or move it")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    if recipe["input"] == "rgb_128":
+        stream, split, X_val, Y_val = load_notebook_data(args)
+    else:
+        stream, split, X_val, Y_val = load_instance_data(args, recipe)
 
     # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
     import keras
@@ -138,9 +204,10 @@ def train(args):
         print(f"Removing {partial}, left by a run killed while saving")
         partial.unlink()
     keras.utils.set_random_seed(args.seed)
-    if args.mixed_precision:
-        gpus = tf.config.list_logical_devices("GPU")
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "mixed_bfloat16")
+    policy = "float32"
+    if args.mixed_precision or recipe["mixed_precision"]:
+        policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
     if args.distribute:
         # All GPUs; on a machine without them, all (logical) CPU devices.
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -156,7 +223,7 @@ def train(args):
         print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
     with strategy.scope():
-        model = unet.build_unet()
+        model = unet.build_unet(recipe=recipe)
     model.summary()
 
     resuming = args.resume and backup.exists()
@@ -167,18 +234,17 @@ def train(args):
     csv_path, png_path = history_paths(model_path)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.PATIENCE, verbose=1,
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"], verbose=1,
                                       restore_best_weights=True),
-        unet.BestCheckpoint(model_path, best),
+        unet.BestCheckpoint(model_path, best, recipe),
         keras.callbacks.CSVLogger(csv_path, append=resuming),
         # Saved every epoch and deleted when training ends normally; keeps two copies so that a
         # kill while saving the backup leaves the previous one.
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
     ]
-    history = model.fit(training_dataset(X_train, Y_train, args.batch_size, args.seed),
-                        steps_per_epoch=math.ceil(len(X_train) / args.batch_size),
-                        validation_data=(X_val, Y_val), batch_size=args.batch_size,
-                        epochs=args.epochs, callbacks=callbacks,
+    history = model.fit(stream(batch_size), steps_per_epoch=math.ceil(split / batch_size),
+                        validation_data=(X_val, Y_val), batch_size=batch_size,
+                        epochs=epochs, callbacks=callbacks,
                         shuffle=False)  # the dataset reshuffles itself every epoch
     if csv_path.exists():
         plot_history(csv_path, png_path)

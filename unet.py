@@ -1,4 +1,5 @@
 """The notebook's U-Net, its DSB2018 metric, and its model files: atomic saving, safe loading."""
+import json
 import math
 import os
 import zipfile
@@ -32,12 +33,19 @@ def conv_block(x, filters, dropout):
     return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
-def build_unet(input_shape=None):
+def build_unet(input_shape=None, recipe=None):
     """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
-    The input shape defaults to config's image size, read at call time."""
-    inputs = keras.Input(input_shape or (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS))
+    The input shape defaults to config's image size, read at call time. Another recipe keeps the
+    blocks and changes what is recipe data: the input (any size, one grey channel, already
+    scaled), the number of outputs and the loss."""
+    recipe = recipe or config.RECIPES["notebook"]
+    notebook = recipe["input"] == "rgb_128"
+    if input_shape is None:
+        input_shape = ((config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS) if notebook
+                       else (None, None, 1))
+    inputs = keras.Input(input_shape)
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
-    x = layers.Rescaling(1 / 255)(inputs)
+    x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
     skips = []
     for filters, dropout in DOWN:
         x = conv_block(x, filters, dropout)
@@ -49,12 +57,28 @@ def build_unet(input_shape=None):
         x = layers.concatenate([x, skip])
         x = conv_block(x, filters, dropout)
     # float32 output keeps the loss stable when --mixed-precision computes the rest in 16 bits.
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(x)
+    outputs = layers.Conv2D(recipe["outputs"], 1, activation="sigmoid", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
-    # The metric runs NumPy code, which XLA cannot compile (Keras 3 would use XLA on a GPU).
-    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=[my_iou_metric],
-                  jit_compile=False)
+    if notebook:
+        # The metric runs NumPy code, which XLA cannot compile (Keras 3 would use XLA on a GPU).
+        model.compile(optimizer="adam", loss="binary_crossentropy", metrics=[my_iou_metric],
+                      jit_compile=False)
+    else:
+        model.compile(optimizer="adam",
+                      loss=bce_dice if recipe["loss"] == "bce_dice" else "binary_crossentropy")
     return model
+
+
+@keras.saving.register_keras_serializable(package="dsb2018")
+def bce_dice(y_true, y_pred):
+    """Binary cross-entropy plus (1 - soft Dice) of each output channel over the batch: the
+    Dice term weighs small nuclei and thin contours as much as the big background."""
+    y_true = tf.cast(y_true, y_pred.dtype)
+    bce = tf.reduce_mean(keras.losses.binary_crossentropy(y_true[..., None], y_pred[..., None]))
+    intersection = tf.reduce_sum(y_true * y_pred, axis=(0, 1, 2))
+    total = tf.reduce_sum(y_true + y_pred, axis=(0, 1, 2))
+    dice = (2 * intersection + 1) / (total + 1)
+    return bce + tf.reduce_mean(1 - dice)
 
 
 def _label(mask):
@@ -92,23 +116,59 @@ def iou_metric(y_true_in, y_pred_in, print_table=False):
     # (a nucleus) when the mask has no background.
     first_true = 1 if area_true[0] else 2
     first_pred = 1 if area_pred[0] else 2
-    overlaps = pair_counts[first_true:, first_pred:]
+    tp, fp, fn, precision = _match(pair_counts[first_true:, first_pred:],
+                                   area_true[first_true:], area_pred[first_pred:])
+    if print_table:
+        print_match_table(tp, fp, fn, precision)
+    return np.mean(precision)
+
+
+def _match(overlaps, area_true, area_pred):
+    """TP, FP, FN and precision at each threshold, from the overlap counts of the true objects
+    (rows) with the predicted ones (columns) and their areas."""
     rows, cols = np.nonzero(overlaps)
     intersection = overlaps[rows, cols].astype(np.float64)
-    iou = intersection / (area_true[first_true:][rows] + area_pred[first_pred:][cols] - intersection)
+    iou = intersection / (area_true[rows] + area_pred[cols] - intersection)
     # Objects are disjoint, so at IoU > 0.5 an object matches at most one other: a match is a
     # true positive, and the unmatched objects on either side are the FN and FP.
     tp = (iou[None, :] > THRESHOLDS[:, None]).sum(axis=1)
-    fp = (n_pred - first_pred) - tp
-    fn = (n_true - first_true) - tp
+    fp = len(area_pred) - tp
+    fn = len(area_true) - tp
     total = tp + fp + fn
     precision = np.divide(tp, total, out=np.zeros(len(THRESHOLDS)), where=total > 0)
+    return tp, fp, fn, precision
+
+
+def print_match_table(tp, fp, fn, precision):
+    print("Thresh\tTP\tFP\tFN\tPrec.")
+    for row in zip(THRESHOLDS, tp, fp, fn, precision):
+        print("{:1.3f}\t{}\t{}\t{}\t{:1.3f}".format(*row))
+    print("AP\t-\t-\t-\t{:1.3f}".format(np.mean(precision)))
+
+
+def competition_score(true_labels, pred_labels, print_table=False):
+    """The DSB2018 competition's score of one image, from two label images of the same size
+    (0 background, each other value one object; the truth's objects are its mask files): the
+    mean over IoU thresholds 0.50..0.95 of TP / (TP + FP + FN), a match being IoU > t. An image
+    with no true and no predicted object scores 1 (nothing to find, nothing invented)."""
+    if true_labels.shape != pred_labels.shape:
+        raise ValueError(f"truth is {true_labels.shape}, prediction {pred_labels.shape}")
+    # Compact label values, so that sparse or large labels cost nothing.
+    true_values, true_index = np.unique(true_labels, return_inverse=True)
+    pred_values, pred_index = np.unique(pred_labels, return_inverse=True)
+    n_true, n_pred = len(true_values), len(pred_values)
+    pair_counts = np.bincount(true_index.ravel() * n_pred + pred_index.ravel(),
+                              minlength=n_true * n_pred).reshape(n_true, n_pred)
+    # Drop background's row and column (it is the first value when present).
+    first_true, first_pred = int(true_values[0] == 0), int(pred_values[0] == 0)
+    tp, fp, fn, precision = _match(pair_counts[first_true:, first_pred:],
+                                   pair_counts[first_true:].sum(axis=1),
+                                   pair_counts[:, first_pred:].sum(axis=0))
+    if len(true_values) == first_true and len(pred_values) == first_pred:
+        precision = np.ones(len(THRESHOLDS))
     if print_table:
-        print("Thresh\tTP\tFP\tFN\tPrec.")
-        for row in zip(THRESHOLDS, tp, fp, fn, precision):
-            print("{:1.3f}\t{}\t{}\t{}\t{:1.3f}".format(*row))
-        print("AP\t-\t-\t-\t{:1.3f}".format(np.mean(precision)))
-    return np.mean(precision)
+        print_match_table(tp, fp, fn, precision)
+    return float(np.mean(precision))
 
 
 def iou_metric_batch(y_true_in, y_pred_in):
@@ -124,8 +184,25 @@ def my_iou_metric(label, pred):
     return value
 
 
+# The archive member that holds the recipe a model was trained with.
+RECIPE_MEMBER = "recipe.json"
+
+
+def read_recipe(path):
+    """The recipe saved in a model file; a model without one (saved before recipes existed) was
+    trained with the notebook's."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if RECIPE_MEMBER not in archive.namelist():
+                return dict(config.RECIPES["notebook"])
+            return json.loads(archive.read(RECIPE_MEMBER))
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: damaged model file ({error}); retrain or restore it") from None
+
+
 def load_unet(path):
-    """A model saved by train.py, loaded in Keras' safe mode; an InputError names what is wrong."""
+    """A model saved by train.py, loaded in Keras' safe mode and checked against the recipe saved
+    with it; an InputError names what is wrong."""
     path = Path(path)
     if path.suffix != ".keras":
         raise InputError(f"{path}: only .keras model files are loaded (not {path.suffix or 'no suffix'})")
@@ -134,8 +211,9 @@ def load_unet(path):
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: damaged model file (not a .keras archive); retrain or restore it")
     try:
-        model = keras.saving.load_model(path, custom_objects={"my_iou_metric": my_iou_metric},
-                                        safe_mode=True)
+        model = keras.saving.load_model(
+            path, custom_objects={"my_iou_metric": my_iou_metric, "bce_dice": bce_dice},
+            safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad archive; name the file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):
@@ -144,10 +222,15 @@ def load_unet(path):
         # A readable archive whose config or weights are not (e.g. a member cut short).
         raise InputError(f"{path}: damaged or incompatible model file ({message}); "
                          "retrain or restore it") from None
-    expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
-    if tuple(model.input_shape[1:]) != expected:
-        raise InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
-                         f"config.py's size is {expected}")
+    recipe = read_recipe(path)
+    if recipe["input"] == "rgb_128":
+        expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
+        if tuple(model.input_shape[1:]) != expected:
+            raise InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
+                             f"config.py's size is {expected}")
+    if model.output_shape[-1] != recipe["outputs"]:
+        raise InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
+                         f"{recipe['outputs']}")
     return model
 
 
@@ -157,12 +240,30 @@ def partial_path(model_path):
     return model_path.with_name(f".{model_path.stem}.partial.keras")
 
 
-def save_atomic(model, path):
+def save_atomic(model, path, recipe=None):
     """Write to a temporary file in the same folder, then rename: a kill at any moment leaves
     either the old file or the new one, never a truncated one (ModelCheckpoint truncates the old
-    best file before writing the new one)."""
+    best file before writing the new one). The recipe goes into the same archive, so that a model
+    never travels without it."""
     tmp = partial_path(path)
     model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as archive:
+        archive.writestr(RECIPE_MEMBER, json.dumps(recipe or config.RECIPES["notebook"], indent=1))
+    _replace(tmp, path)
+
+
+def write_recipe(path, recipe):
+    """Replace the recipe in a model file, atomically: a copy with the new recipe, renamed."""
+    tmp = partial_path(path)
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w") as target:
+        for item in source.infolist():
+            if item.filename != RECIPE_MEMBER:
+                target.writestr(item, source.read(item))
+        target.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
+    _replace(tmp, path)
+
+
+def _replace(tmp, path):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -178,9 +279,9 @@ class BestCheckpoint(keras.callbacks.Callback):
     atomically, a NaN or infinite val_loss is never "best", and the best value so far can come
     from an existing model, so that it is only ever replaced by a better one."""
 
-    def __init__(self, path, best=math.inf):
+    def __init__(self, path, best=math.inf, recipe=None):
         super().__init__()
-        self.path, self.best = Path(path), best
+        self.path, self.recipe, self.best = Path(path), recipe, best
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get("val_loss")
@@ -189,7 +290,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         elif current < self.best:
             print(f"\nEpoch {epoch + 1}: val_loss improved from {self.best:.5f} to "
                   f"{current:.5f}, saving model to {self.path}")
-            save_atomic(self.model, self.path)
+            save_atomic(self.model, self.path, self.recipe)
             self.best = current
         else:
             print(f"\nEpoch {epoch + 1}: val_loss did not improve from {self.best:.5f}")

@@ -6,14 +6,6 @@ import train
 from tests.conftest import ROOT, SMALL_SIZE, make_dsb_tree
 
 
-def rle_decode(encoded, shape):
-    pixels = np.zeros(shape[0] * shape[1], bool)
-    numbers = [int(n) for n in encoded.split()]
-    for start, length in zip(numbers[::2], numbers[1::2]):
-        pixels[start - 1:start - 1 + length] = True
-    return pixels.reshape(shape[1], shape[0]).T
-
-
 def test_rle_numbers_pixels_down_then_right_from_one():
     mask = np.array([[0, 1, 1],
                      [0, 1, 0],
@@ -27,19 +19,23 @@ def test_rle_numbers_pixels_down_then_right_from_one():
 def test_rle_round_trip():
     rng = np.random.default_rng(0)
     mask = rng.random((37, 23)) < 0.4
-    assert np.array_equal(rle_decode(predict.rle_encoding(mask), mask.shape), mask)
+    assert np.array_equal(predict.rle_decode(predict.rle_encoding(mask), mask.shape), mask)
 
 
 def test_submission_resizes_back_and_labels_each_nucleus():
-    pred = np.zeros((1, 8, 8, 1), np.float32)
-    pred[0, 1:3, 1:3] = 0.9
-    pred[0, 5:7, 4:7] = 0.8
-    empty = np.zeros((1, 8, 8, 1), np.float32)
-    rows = predict.submission_rows(np.concatenate([pred, empty]), [(16, 24), (5, 5)],
-                                   ["a", "b"], 0.5)
+    import config
+
+    pred = np.zeros((8, 8, 1), np.float32)
+    pred[1:3, 1:3] = 0.9
+    pred[5:7, 4:7] = 0.8
+    notebook = config.RECIPES["notebook"]
+    labels = predict.nuclei_labels(pred, (16, 24), notebook)
+    assert labels.shape == (16, 24) and labels.max() == 2
+    empty = predict.nuclei_labels(np.zeros((8, 8, 1), np.float32), (5, 5), notebook)
+    rows = predict.submission_rows([labels, empty], ["a", "b"])
     assert [r[0] for r in rows] == ["a", "a", "b"] and rows[2][1] == ""
-    first = rle_decode(rows[0][1], (16, 24))
-    assert first.shape == (16, 24) and first.any() and not (first & rle_decode(rows[1][1], (16, 24))).any()
+    first = predict.rle_decode(rows[0][1], (16, 24))
+    assert first.shape == (16, 24) and first.any() and not (first & predict.rle_decode(rows[1][1], (16, 24))).any()
 
 
 def test_train_one_epoch_then_predict_headless(tmp_path, small_images):

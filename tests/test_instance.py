@@ -1,0 +1,204 @@
+"""The instance recipe: targets, watershed, full-size prediction, the recipe in the model file,
+and a tiny run end to end."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import config
+import data
+import predict
+import train
+from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc
+
+INSTANCE = config.RECIPES["instance"]
+
+
+def touching_discs(shape=(40, 60)):
+    """Two discs of radius 10 whose centres are 19 apart: they share a short border."""
+    labels = np.zeros(shape, np.int32)
+    labels[disc(shape, (20, 20), 10)] = 1
+    labels[disc(shape, (20, 39), 10) & (labels == 0)] = 2
+    return labels
+
+
+def window_labels(labels, row, col, radius):
+    window = labels[max(row - radius, 0):row + radius + 1, max(col - radius, 0):col + radius + 1]
+    return set(np.unique(window)) - {0}
+
+
+def test_targets_of_two_touching_discs():
+    labels = touching_discs()
+    targets = data.instance_targets(labels)
+    assert targets.shape == (40, 60, 3) and targets.dtype == np.uint8
+    nucleus, contour, gap = (targets[..., k].astype(bool) for k in range(3))
+    assert np.array_equal(nucleus, labels > 0)
+    for row in range(labels.shape[0]):
+        for col in range(labels.shape[1]):
+            # Gap: two different nuclei in the 3x3 window; contour: a nucleus pixel with
+            # another label or background in its 5x5 window (image edges do not count).
+            assert gap[row, col] == (len(window_labels(labels, row, col, 1)) == 2)
+            around = labels[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3]
+            assert contour[row, col] == (labels[row, col] > 0 and (around != labels[row, col]).any())
+    # A band along the shared border (columns 29 to 31, rows 15 to 25), nowhere else.
+    rows, cols = np.nonzero(gap)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (15, 25, 29, 31)
+    # 21 nucleus pixels either side of the border, and 4 background pixels of the notches.
+    assert gap.sum() == 25 and (labels[gap] == 0).sum() == 4
+
+
+def test_watershed_separates_touching_nuclei_components_do_not():
+    labels = touching_discs()
+    prob = data.instance_targets(labels).astype(np.float32)
+    split = predict.nuclei_labels(prob, labels.shape, INSTANCE)
+    assert split.max() == 2 and split.dtype == np.int32
+    import unet
+
+    assert unet.competition_score(labels, split) == 1.0
+    merged = predict.nuclei_labels(prob, labels.shape, {**INSTANCE, "post": "components"})
+    # The merged object covers disc 1 (317 pixels) with IoU 317 / 632 > 0.5: a match at
+    # t = 0.50 only, where TP 1 and FN 1 give 1/2, so the score is 0.05.
+    assert (labels == 1).sum() == 317 and (labels > 0).sum() == 632
+    assert merged.max() == 1 and unet.competition_score(labels, merged) == pytest.approx(0.05)
+
+
+def test_small_objects_dropped_and_seedless_pieces_kept():
+    prob = np.zeros((30, 30, 3), np.float32)
+    prob[2:12, 2:12, 0] = 0.9          # a nucleus with a seed
+    prob[20:24, 20:24, 0] = 0.9        # 16 pixels, all contour: no seed, kept
+    prob[20:24, 20:24, 1] = 0.9
+    prob[2:5, 25:28, 0] = 0.9          # 9 pixels: under min_size 16
+    labels = predict.nuclei_labels(prob, (30, 30), INSTANCE)
+    assert labels.max() == 2
+    assert (labels[2:12, 2:12] == 1).all() and (labels[20:24, 20:24] == 2).all()
+    assert not labels[2:5, 25:28].any()
+
+
+def test_training_crop_shapes_and_plain_crop_matches_its_window():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((100, 90), np.int32)
+    labels[disc(labels.shape, (50, 45), 20)] = 1
+    x = np.random.default_rng(1).random((100, 90, 1)).astype(np.float32)
+    crop, targets = data.training_crop(x, labels, {**INSTANCE, "crop": 64}, rng)
+    assert crop.shape == (64, 64, 1) and crop.dtype == np.float32
+    assert targets.shape == (64, 64, 3) and targets.dtype == np.uint8
+    plain = {**INSTANCE, "crop": 64, "augment": False}
+    crop, targets = data.training_crop(x, labels, plain, np.random.default_rng(5))
+    hits = [(top, left) for top in range(37) for left in range(27)
+            if np.array_equal(x[top:top + 64, left:left + 64], crop)]
+    assert len(hits) == 1
+    top, left = hits[0]
+    assert np.array_equal(targets, data.instance_targets(labels[top:top + 64, left:left + 64]))
+    # An image smaller than the crop is reflect-padded.
+    small, small_targets = data.training_crop(x[:40, :50], labels[:40, :50], plain, rng)
+    assert small.shape == (64, 64, 1) and small_targets.shape == (64, 64, 3)
+
+
+def test_grey_input_inverts_bright_backgrounds_and_scales():
+    dark = np.zeros((50, 50, 3), np.uint8)
+    dark[20:30, 20:30] = 200
+    bright = 255 - dark
+    assert np.allclose(data.grey_input(dark), data.grey_input(bright), atol=1e-6)
+    x = data.grey_input(dark)
+    assert x.shape == (50, 50, 1) and x.dtype == np.float32
+    assert x[25, 25, 0] == pytest.approx(1.0) and x[0, 0, 0] == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def small_instance_model():
+    import keras
+
+    import unet
+
+    keras.utils.set_random_seed(0)
+    return unet.build_unet(recipe=INSTANCE)
+
+
+def test_padded_prediction_equals_whole_image_prediction(small_instance_model):
+    model = small_instance_model
+    x = np.random.default_rng(2).random((40, 37, 1)).astype(np.float32)
+    padded = data.pad_to(x, 48, 48)
+    whole = model(padded[None], training=False)[0].numpy()
+    assert np.array_equal(predict.predict_full(model, x, tta=False), whole[:40, :37])
+    aligned = padded[:32, :48]
+    assert np.array_equal(predict.predict_full(model, aligned, tta=False),
+                          model(aligned[None], training=False)[0].numpy())
+
+
+def test_flip_averaging_commutes_with_flips(small_instance_model):
+    x = np.random.default_rng(3).random((32, 48, 1)).astype(np.float32)
+    once = predict.predict_full(small_instance_model, x, tta=True)
+    flipped = predict.predict_full(small_instance_model, x[:, ::-1], tta=True)
+    assert once.shape == (32, 48, 3)
+    assert np.allclose(flipped[:, ::-1], once, atol=1e-6)
+    assert not np.allclose(predict.predict_full(small_instance_model, x, tta=False), once,
+                           atol=1e-6)
+
+
+def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
+    import keras
+
+    import unet
+
+    recipe = {**INSTANCE, "min_size": 5}
+    path = tmp_path / "instance.keras"
+    unet.save_atomic(small_instance_model, path, recipe)
+    assert unet.read_recipe(path) == recipe
+    reloaded = unet.load_unet(path)
+    assert reloaded.output_shape == (None, None, None, 3) and reloaded.input_shape[-1] == 1
+    x = np.random.default_rng(4).random((1, 32, 32, 1)).astype(np.float32)
+    assert np.array_equal(reloaded(x).numpy(), small_instance_model(x).numpy())
+    # A model saved without a recipe (before recipes existed) is the notebook's.
+    old = tmp_path / "old.keras"
+    unet.build_unet().save(old)
+    assert unet.read_recipe(old) == config.RECIPES["notebook"]
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, capsys):
+    for setting, message in [
+        ("colour=1", "--set colour=1: no setting 'colour' here"),
+        ("augment=maybe", "--set augment=maybe: 'maybe' is not a JSON value"),
+        ("crop=true", "--set crop=true: crop takes a int"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--recipe", "instance", "--set", setting, "--model-path",
+                        str(tmp_path / "m.keras")])
+        assert str(stop.value).startswith(f"error: {message}")
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_tiny_instance_run_end_to_end(tmp_path, capsys):
+    """Train the instance recipe on the bundled sample (small crops, 1 epoch), predict with no
+    recipe flag: the recipe comes from the model file."""
+    import unet
+
+    model_path = tmp_path / "instance.keras"
+    train.main(["--recipe", "instance", "--set", "crop=64", "--epochs", "1", "--batch-size",
+                "8", "--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
+    recipe = unet.read_recipe(model_path)
+    assert recipe == {**INSTANCE, "crop": 64}
+    history = pd.read_csv(model_path.with_suffix(".history.csv"))
+    assert list(history.columns) == ["epoch", "loss", "val_loss"] and len(history) == 1
+
+    # The notebook recipe on the same path is refused before any work.
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
+    assert "trained with another recipe" in str(stop.value)
+
+    out_dir = tmp_path / "out"
+    capsys.readouterr()
+    predict.main(["--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN),
+                  "--test-dir", str(SAMPLE_TEST), "--out-dir", str(out_dir), "--set", "tta=false"])
+    printed = capsys.readouterr().out
+    assert "Competition score (original resolution, every mask file one nucleus), validation: " \
+        in printed and "Notebook's metric" not in printed
+    submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
+    test_ids = data.list_ids(SAMPLE_TEST)
+    assert set(submission["ImageId"]) == set(test_ids)
+    images, _ = data.load_native(SAMPLE_TEST, test_ids, with_labels=False)
+    shapes = {id_: image.shape[:2] for id_, image in zip(test_ids, images)}
+    labels = predict.labels_from_rows(submission.itertuples(index=False), shapes)
+    assert sum(int(l.max()) for l in labels.values()) == (submission["EncodedPixels"] != "").sum()
+    json.loads(json.dumps(recipe))  # plain JSON: readable without this project
