@@ -57,12 +57,14 @@ RECIPES = {
         "crop": 256,             # training crops; whole images at prediction, padded to x16
         "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
         "scale_range": [0.5, 2.0],
+        "balance_kinds": False,  # draw rare kinds of image more often (see train.crop_dataset)
         "post": "watershed",     # seeds = nucleus without contour, flooded over the nucleus
         "threshold": 0.5,
         "seed_threshold": 0.5,   # contour probability below which a nucleus pixel is a seed
         "min_size": 16,          # smaller objects (pixels at full size) are dropped
         "tta": True,             # mean of the 4 flips
         "batch_size": 8,
+        "lr_schedule": "cosine",  # Adam's 1e-3 decayed to 0 over the run (cosine)
         "epochs": 28,            # about 30 minutes on 2 CPU cores in bfloat16
         "patience": 10,
         "mixed_precision": True,

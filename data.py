@@ -283,14 +283,22 @@ def load_native(folder, ids, with_labels=True):
     return [image for image, _ in results], [labels for _, labels in results]
 
 
-def grey_input(image):
-    """The instance recipe's input, float32 (H, W, 1): grey, inverted when the background is
-    bright (bright-field, histology), scaled so that the 1st and 99.8th percentiles are 0 and 1."""
-    grey = image.astype(np.float32).mean(axis=2)
+# Channels of the network's input for each kind of recipe input.
+INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3}
+
+
+def native_input(image, recipe):
+    """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
+    background is bright (bright-field, histology) so that nuclei are bright on dark as in
+    fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1. `grey_native`
+    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
+    x = image.astype(np.float32)
+    if recipe["input"] == "grey_native":
+        x = x.mean(axis=2, keepdims=True)
     if image_kind(image) != "fluorescence":
-        grey = 255 - grey
-    low, high = np.percentile(grey, (1, 99.8))
-    return ((grey - low) / max(high - low, 1e-3))[:, :, None].astype(np.float32)
+        x = 255 - x
+    low, high = np.percentile(x, (1, 99.8))
+    return ((x - low) / max(high - low, 1e-3)).astype(np.float32)
 
 
 def instance_targets(labels):
@@ -320,11 +328,11 @@ def pad_to(array, height, width):
 
 
 def training_crop(x, labels, recipe, rng):
-    """One augmented training pair from a full-size input (H, W, 1) and its label image: a
+    """One augmented training pair from a full-size input (H, W, C) and its label image: a
     random square window, rescaled to the recipe's crop size (nucleus sizes differ several-fold
     between kinds of image), flipped and turned, brightness and contrast jittered; targets
-    computed after the rescale, so contours stay 2 pixels wide. Returns float32 (S, S, 1) and
-    uint8 (S, S, 3)."""
+    computed after the rescale, so contours stay 2 pixels wide. Returns float32 (S, S, C) and
+    uint8 (S, S, outputs)."""
     size = recipe["crop"]
     scale = 1.0
     if recipe["augment"]:

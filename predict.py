@@ -165,9 +165,10 @@ def nuclei_labels(prob, shape, recipe):
     these objects.
     - components (the Kaggle kernel's): the nucleus channel resized back, thresholded, its
       8-connected components;
-    - watershed: seeds are nucleus pixels away from contours and gaps, flooded over the
-      nucleus mask with the contour and gap probabilities as the relief, so touching nuclei
-      meet at the line between them; a piece of mask no seed reached is a nucleus of its own.
+    - watershed: holes in the nucleus mask filled (nuclei have none; large textured ones come
+      out ring-like), seeds are nucleus pixels away from contours and gaps, flooded over the
+      mask with the contour and gap probabilities as the relief, so touching nuclei meet at
+      the line between them; a piece of mask no seed reached is a nucleus of its own.
     Then objects under min_size pixels (when the recipe has one) are dropped."""
     return drop_small(segment(prob, shape, recipe), recipe.get("min_size", 0))
 
@@ -183,6 +184,7 @@ def segment(prob, shape, recipe):
     mask = nucleus > recipe["threshold"]
     if recipe["post"] == "components":
         return label(mask).astype(np.int32)
+    mask = ndimage.binary_fill_holes(mask)
     contour, gap = prob[..., 1], prob[..., 2]
     seeds, _ = ndimage.label(mask & (contour < recipe["seed_threshold"]) &
                              (gap < recipe["seed_threshold"]))
@@ -201,7 +203,7 @@ def drop_small(labels, min_size):
 
 
 # What --tune tries on the validation split (every combination).
-TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "seed_threshold": [0.3, 0.5, 0.7],
+TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "seed_threshold": [0.3, 0.5, 0.7],
              "min_size": [0, 8, 16, 32, 64]}
 
 
@@ -280,7 +282,7 @@ class Predictor:
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
             X = np.stack([data.resize_2018(image, size).astype(np.uint8) for image in images])
             return list(self.model.predict(X, verbose=0))
-        return [predict_full(self.model, data.grey_input(image), self.recipe["tta"])
+        return [predict_full(self.model, data.native_input(image, self.recipe), self.recipe["tta"])
                 for image in images]
 
     def nuclei(self, images):

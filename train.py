@@ -87,20 +87,27 @@ def training_dataset(X, Y, batch_size, seed):
             .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
 
 
-def crop_dataset(inputs, labels, recipe, batch_size, seed):
-    """The instance recipe's training stream: every epoch one random augmented crop of each
-    training image, in a new order, built by data.training_crop."""
+def crop_dataset(inputs, labels, kinds, recipe, batch_size, seed):
+    """The instance recipe's training stream: every epoch as many random augmented crops
+    (data.training_crop) as there are training images: one of each image in a new order, or
+    with `balance_kinds` images drawn so that each kind of image gets a share proportional to
+    the square root of its count (rare kinds seen more often, without repeating their few
+    images endlessly)."""
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
     size = recipe["crop"]
+    counts = {kind: kinds.count(kind) for kind in set(kinds)}
+    weights = np.array([counts[kind] ** -0.5 for kind in kinds])
 
     def crops():
         while True:
-            for n in rng.permutation(len(inputs)):
+            order = (rng.choice(len(inputs), size=len(inputs), p=weights / weights.sum())
+                     if recipe["balance_kinds"] else rng.permutation(len(inputs)))
+            for n in order:
                 yield data.training_crop(inputs[n], labels[n], recipe, rng)
 
-    signature = (tf.TensorSpec((size, size, 1), tf.float32),
+    signature = (tf.TensorSpec((size, size, data.INPUT_CHANNELS[recipe["input"]]), tf.float32),
                  tf.TensorSpec((size, size, recipe["outputs"]), tf.uint8))
     return (tf.data.Dataset.from_generator(crops, output_signature=signature)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
@@ -126,14 +133,16 @@ def load_instance_data(args, recipe):
     ids = data.list_ids(args.train_dir)
     split = data.split_index(len(ids), args.train_dir)
     images, labels = data.load_native(args.train_dir, ids)
-    inputs = [data.grey_input(image) for image in images]
+    inputs = [data.native_input(image, recipe) for image in images]
+    kinds = [data.image_kind(image) for image in images[:split]]
     pairs = [data.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
     print(f"{split} training images (random {recipe['crop']}x{recipe['crop']} crops) and "
           f"{len(ids) - split} validation images (centre crops), "
-          f"{sum(int(l.max()) for l in labels[:split]):,} training nuclei")
-    return (lambda batch_size: crop_dataset(inputs[:split], labels[:split], recipe, batch_size,
-                                            args.seed),
+          f"{sum(int(l.max()) for l in labels[:split]):,} training nuclei; kinds of training "
+          f"image: " + ", ".join(f"{kinds.count(kind)} {kind}" for kind in data.KINDS))
+    return (lambda batch_size: crop_dataset(inputs[:split], labels[:split], kinds, recipe,
+                                            batch_size, args.seed),
             split, X_val, Y_val)
 
 
@@ -223,7 +232,7 @@ def train(args):
         print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
     with strategy.scope():
-        model = unet.build_unet(recipe=recipe)
+        model = unet.build_unet(recipe=recipe, steps=epochs * math.ceil(split / batch_size))
     model.summary()
 
     resuming = args.resume and backup.exists()

@@ -12,7 +12,7 @@ from keras import layers
 from scipy import ndimage
 
 import config
-from data import InputError
+from data import INPUT_CHANNELS, InputError
 
 # (filters, dropout) of the contracting blocks c1..c4 and of the bottom block c5.
 DOWN = [(16, 0.1), (32, 0.1), (64, 0.2), (128, 0.2)]
@@ -33,16 +33,17 @@ def conv_block(x, filters, dropout):
     return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
-def build_unet(input_shape=None, recipe=None):
+def build_unet(input_shape=None, recipe=None, steps=None):
     """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
     The input shape defaults to config's image size, read at call time. Another recipe keeps the
     blocks and changes what is recipe data: the input (any size, one grey channel, already
-    scaled), the number of outputs and the loss."""
+    scaled), the number of outputs, the loss, and the learning rate's schedule over `steps`
+    training steps."""
     recipe = recipe or config.RECIPES["notebook"]
     notebook = recipe["input"] == "rgb_128"
     if input_shape is None:
         input_shape = ((config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS) if notebook
-                       else (None, None, 1))
+                       else (None, None, INPUT_CHANNELS[recipe["input"]]))
     inputs = keras.Input(input_shape)
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
@@ -64,7 +65,10 @@ def build_unet(input_shape=None, recipe=None):
         model.compile(optimizer="adam", loss="binary_crossentropy", metrics=[my_iou_metric],
                       jit_compile=False)
     else:
-        model.compile(optimizer="adam",
+        learning_rate = 1e-3  # Adam's default, as the notebook's
+        if recipe["lr_schedule"] == "cosine" and steps:
+            learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss=bce_dice if recipe["loss"] == "bce_dice" else "binary_crossentropy")
     return model
 
@@ -228,6 +232,9 @@ def load_unet(path):
         if tuple(model.input_shape[1:]) != expected:
             raise InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
                              f"config.py's size is {expected}")
+    elif model.input_shape[-1] != INPUT_CHANNELS[recipe["input"]]:
+        raise InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
+                         f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
     if model.output_shape[-1] != recipe["outputs"]:
         raise InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
                          f"{recipe['outputs']}")

@@ -95,14 +95,24 @@ def test_training_crop_shapes_and_plain_crop_matches_its_window():
     assert small.shape == (64, 64, 1) and small_targets.shape == (64, 64, 3)
 
 
-def test_grey_input_inverts_bright_backgrounds_and_scales():
+def test_native_input_inverts_bright_backgrounds_and_scales():
     dark = np.zeros((50, 50, 3), np.uint8)
     dark[20:30, 20:30] = 200
     bright = 255 - dark
-    assert np.allclose(data.grey_input(dark), data.grey_input(bright), atol=1e-6)
-    x = data.grey_input(dark)
+    grey = {**INSTANCE, "input": "grey_native"}
+    assert np.allclose(data.native_input(dark, grey), data.native_input(bright, grey), atol=1e-6)
+    x = data.native_input(dark, grey)
     assert x.shape == (50, 50, 1) and x.dtype == np.float32
     assert x[25, 25, 0] == pytest.approx(1.0) and x[0, 0, 0] == pytest.approx(0.0)
+    # Colour kept: a purple stain on white, inverted, scaled over all channels together.
+    stained = np.full((50, 50, 3), 240, np.uint8)
+    stained[20:30, 20:30] = (120, 40, 160)
+    x = data.native_input(stained, {**INSTANCE, "input": "rgb_native"})
+    assert x.shape == (50, 50, 3)
+    # Inverted, the stain is (135, 215, 95) on a background of 15: the 1st and 99.8th
+    # percentiles over all channels are 15 and 215.
+    assert np.allclose(x[25, 25], [0.6, 1.0, 0.4], atol=1e-6)
+    assert np.allclose(x[0, 0], 0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
