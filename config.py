@@ -71,6 +71,14 @@ RECIPES = {
     },
 }
 
+# The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
+RECIPE_CHOICES = {
+    "input": ("grey_native", "rgb_native"),
+    "loss": ("bce", "bce_dice"),
+    "post": ("components", "watershed"),
+    "lr_schedule": ("constant", "cosine"),
+}
+
 # The recipe settings that only change how probabilities become nuclei: `predict.py --set` and
 # `--tune` may change them in a trained model; train.py ignores them when it compares recipes.
 POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta")

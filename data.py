@@ -368,8 +368,9 @@ def centre_crop(x, labels, recipe):
 
 
 def recipe_with(recipe, settings, allowed=None):
-    """A copy of `recipe` with KEY=VALUE settings (JSON values, e.g. --set augment=false); each
-    key must be one of the recipe's (and of `allowed`), its value of the same type."""
+    """A copy of `recipe` with KEY=VALUE settings (JSON values, or plain words for text
+    settings: --set augment=false, --set input=rgb_native); each key must be one of the
+    recipe's (and of `allowed`), its value of the same type and, for text, one of its choices."""
     recipe = dict(recipe)
     for setting in settings:
         key, _, text = setting.partition("=")
@@ -379,10 +380,15 @@ def recipe_with(recipe, settings, allowed=None):
         try:
             value = json.loads(text)
         except ValueError:
-            raise InputError(f"--set {setting}: {text!r} is not a JSON value") from None
+            if not isinstance(recipe[key], str):
+                raise InputError(f"--set {setting}: {text!r} is not a JSON value") from None
+            value = text
         if type(value) is not type(recipe[key]) and not (
                 type(value) is int and type(recipe[key]) is float):
             raise InputError(f"--set {setting}: {key} takes a {type(recipe[key]).__name__}")
+        if key in config.RECIPE_CHOICES and value not in config.RECIPE_CHOICES[key]:
+            raise InputError(f"--set {setting}: {key} is one of "
+                             f"{', '.join(config.RECIPE_CHOICES[key])}")
         recipe[key] = value
     if recipe["post"] == "watershed" and recipe["outputs"] < 3:
         raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "

@@ -251,10 +251,15 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def save_triptych(plt, image, mask, prediction, title, path):
+def save_triptych(plt, image, truth, prediction, title, path):
+    """Image / Mask / Prediction side by side, the nuclei of both label images in colours (one
+    per nucleus), so that merged and split nuclei show."""
+    from skimage.color import label2rgb
+
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, picture, name in zip(axes, (image, mask, prediction), ("Image", "Mask", "Prediction")):
-        ax.imshow(np.squeeze(picture), cmap="gray")
+    pictures = (image, label2rgb(truth, bg_label=0), label2rgb(prediction, bg_label=0))
+    for ax, picture, name in zip(axes, pictures, ("Image", "Mask", "Prediction")):
+        ax.imshow(picture)
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -339,9 +344,9 @@ def predict(args):
     rng = random.Random(args.seed)
     ix, iv = rng.randrange(split), rng.randrange(len(ids) - split)
     train_images, train_truths = data.load_native(args.train_dir, [ids[ix]])
-    save_triptych(plt, train_images[0], train_truths[0] > 0, predictor.nuclei(train_images)[0] > 0,
+    save_triptych(plt, train_images[0], train_truths[0], predictor.nuclei(train_images)[0],
                   f"train: {ids[ix]}", args.out_dir / "train_sample.png")
-    save_triptych(plt, val_images[iv], val_truths[iv] > 0, val_preds[iv] > 0,
+    save_triptych(plt, val_images[iv], val_truths[iv], val_preds[iv],
                   f"validation: {ids[split + iv]}, competition score {scores[iv]:.3f}",
                   args.out_dir / "val_sample.png")
 

@@ -26,7 +26,8 @@ def parse_args(argv):
                         help="notebook: the notebook, bit for bit; instance: native resolution, "
                              "contour outputs and watershed (see config.RECIPES)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one recipe setting (a JSON value), e.g. --set augment=false")
+                        help="change one recipe setting (a JSON value or a word), "
+                             "e.g. --set augment=false")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int,
                         help="global batch size (split across devices with --distribute); "

@@ -156,6 +156,9 @@ def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
     unet.save_atomic(small_instance_model, path, recipe)
     assert unet.read_recipe(path) == recipe
     reloaded = unet.load_unet(path)
+    # The notebook's blocks: 1,941,105 parameters less 3x3x2x16 for the input channels, plus
+    # 2x17 for the two extra outputs.
+    assert reloaded.count_params() == 1_941_105 - 288 + 34 == 1_940_851
     assert reloaded.output_shape == (None, None, None, 3) and reloaded.input_shape[-1] == 1
     x = np.random.default_rng(4).random((1, 32, 32, 1)).astype(np.float32)
     assert np.array_equal(reloaded(x).numpy(), small_instance_model(x).numpy())
@@ -171,6 +174,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ("colour=1", "--set colour=1: no setting 'colour' here"),
         ("augment=maybe", "--set augment=maybe: 'maybe' is not a JSON value"),
         ("crop=true", "--set crop=true: crop takes a int"),
+        ("input=colour", "--set input=colour: input is one of grey_native, rgb_native"),
+        ("outputs=1", "--set: the watershed needs the contour and gap outputs (outputs=3)"),
     ]:
         with pytest.raises(SystemExit) as stop:
             train.main(["--recipe", "instance", "--set", setting, "--model-path",
