@@ -69,7 +69,7 @@ def test_small_objects_dropped_and_seedless_pieces_kept():
     prob[20:24, 20:24, 0] = 0.9        # 16 pixels, all contour: no seed, kept
     prob[20:24, 20:24, 1] = 0.9
     prob[2:5, 25:28, 0] = 0.9          # 9 pixels: under min_size 16
-    labels = predict.nuclei_labels(prob, (30, 30), INSTANCE)
+    labels = predict.nuclei_labels(prob, (30, 30), {**INSTANCE, "min_size": 16})
     assert labels.max() == 2
     assert (labels[2:12, 2:12] == 1).all() and (labels[20:24, 20:24] == 2).all()
     assert not labels[2:5, 25:28].any()
