@@ -112,27 +112,22 @@ def _png_files(folder):
                   if e.is_file() and not e.name.startswith(".") and e.name.endswith(".png"))
 
 
-def _load_one(folder, id_, size, with_masks):
-    """One id: the resized image, and its merged resized mask or its original (height, width)."""
-    image_path = folder / id_ / "images" / f"{id_}.png"
+def read_id_image(folder, id_):
+    """The image of one id folder, `<id>/images/<id>.png`, as read_image gives it."""
+    image_path = Path(folder) / id_ / "images" / f"{id_}.png"
     if not image_path.is_file():
         raise InputError(f"{image_path}: missing (every id folder needs images/<id>.png)")
-    image = read_image(image_path)
+    return read_image(image_path)
+
+
+def _load_one(folder, id_, size, with_masks):
+    """One id: the resized image, and its merged resized mask or its original (height, width)."""
+    image = read_id_image(folder, id_)
     # Truncation, as the notebook's `X_train[n] = img` does with the float resize output.
     x = resize_2018(image, size).astype(np.uint8)
     if not with_masks:
         return x, image.shape[:2]
-    mask_dir = folder / id_ / "masks"
-    names = _png_files(mask_dir) if mask_dir.is_dir() else []
-    union = np.zeros(image.shape[:2], dtype=np.uint8)
-    for name in names:
-        mask = read_mask(mask_dir / name)
-        if mask.shape != union.shape:
-            raise InputError(
-                f"{mask_dir / name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                f"is {union.shape[1]}x{union.shape[0]}"
-            )
-        union |= mask
+    union = (read_labels(folder, id_, image.shape[:2]) > 0).astype(np.uint8)
     y = resize_2018(union, size) > 0
     return x, y[:, :, None]
 
@@ -267,10 +262,7 @@ def read_labels(folder, id_, shape):
 
 
 def _load_native(folder, id_, with_labels):
-    image_path = Path(folder) / id_ / "images" / f"{id_}.png"
-    if not image_path.is_file():
-        raise InputError(f"{image_path}: missing (every id folder needs images/<id>.png)")
-    image = read_image(image_path)
+    image = read_id_image(folder, id_)
     return image, (read_labels(folder, id_, image.shape[:2]) if with_labels else None)
 
 
