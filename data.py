@@ -120,11 +120,16 @@ def read_id_image(folder, id_):
     return read_image(image_path)
 
 
+def shrink_image(image, size):
+    """The notebook's network input: the image resized the 2018 way and truncated to uint8, as
+    the notebook's `X_train[n] = img` does with the float resize output."""
+    return resize_2018(image, size).astype(np.uint8)
+
+
 def _load_one(folder, id_, size, with_masks):
     """One id: the resized image, and its merged resized mask or its original (height, width)."""
     image = read_id_image(folder, id_)
-    # Truncation, as the notebook's `X_train[n] = img` does with the float resize output.
-    x = resize_2018(image, size).astype(np.uint8)
+    x = shrink_image(image, size)
     if not with_masks:
         return x, image.shape[:2]
     union = (read_labels(folder, id_, image.shape[:2]) > 0).astype(np.uint8)

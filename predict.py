@@ -285,7 +285,7 @@ class Predictor:
     def probabilities(self, images):
         if self.recipe["input"] == "rgb_128":
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
-            X = np.stack([data.resize_2018(image, size).astype(np.uint8) for image in images])
+            X = np.stack([data.shrink_image(image, size) for image in images])
             return list(self.model.predict(X, verbose=0))
         return [predict_full(self.model, data.native_input(image, self.recipe), self.recipe["tta"])
                 for image in images]

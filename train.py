@@ -17,6 +17,13 @@ import config
 import data
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,8 +35,8 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one recipe setting (a JSON value or a word), "
                              "e.g. --set augment=false")
-    parser.add_argument("--epochs", type=int, help="default: the recipe's")
-    parser.add_argument("--batch-size", type=int,
+    parser.add_argument("--epochs", type=positive_int, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=positive_int,
                         help="global batch size (split across devices with --distribute); "
                              "default: the recipe's")
     parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
@@ -179,8 +186,8 @@ def main(argv=None):
 
 def train(args):
     recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
-    epochs = args.epochs or recipe["epochs"]
-    batch_size = args.batch_size or recipe["batch_size"]
+    epochs = recipe["epochs"] if args.epochs is None else args.epochs
+    batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
     model_path = args.model_path
     if model_path.suffix != ".keras":
         raise data.InputError(f"{model_path}: the model path must end in .keras")

@@ -217,3 +217,40 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     labels = predict.labels_from_rows(submission.itertuples(index=False), shapes)
     assert sum(int(l.max()) for l in labels.values()) == (submission["EncodedPixels"] != "").sum()
     json.loads(json.dumps(recipe))  # plain JSON: readable without this project
+
+
+def test_tune_finds_the_threshold_that_matches_the_truth_and_saves_it(tmp_path,
+                                                                      small_instance_model):
+    """Each disc has probability 0.9 inside and 0.45 in a 3-pixel halo around it: thresholds
+    0.5 and above give the true nuclei (score 1), 0.3 and 0.4 take the halo in (IoU < 0.5 with
+    these small discs, score 0)."""
+    from scipy import ndimage
+
+    import unet
+
+    truth = np.zeros((60, 60), np.int32)
+    for k, centre in enumerate([(15, 15), (15, 45), (45, 30)], start=1):
+        truth[disc(truth.shape, centre, 5)] = k
+    prob = np.zeros((60, 60, 3), np.float32)
+    prob[..., 0] = np.where(truth > 0, 0.9, np.where(ndimage.binary_dilation(
+        truth > 0, iterations=3), 0.45, 0.0))
+    results = predict.tune([prob], [truth], INSTANCE)
+    best_score, best = results[0]
+    assert best_score == 1.0 and best["threshold"] >= 0.5
+    scores = {(s["threshold"], s["seed_threshold"], s["min_size"]): score for score, s in results}
+    assert len(scores) == 6 * 3 * 5
+    assert scores[(0.4, 0.5, 0)] == 0.0 and scores[(0.5, 0.5, 0)] == 1.0
+
+    path = tmp_path / "m.keras"
+    unet.save_atomic(small_instance_model, path, INSTANCE)
+    unet.write_recipe(path, {**INSTANCE, **best})
+    assert unet.read_recipe(path) == {**INSTANCE, **best}
+    assert unet.load_unet(path).count_params() == small_instance_model.count_params()
+
+
+def test_epochs_and_batch_size_below_one_are_refused(tmp_path, capsys):
+    for flag in ("--epochs", "--batch-size"):
+        with pytest.raises(SystemExit) as stop:
+            train.main([flag, "0", "--model-path", str(tmp_path / "m.keras")])
+        assert stop.value.code == 2
+        assert f"argument {flag}: 0 is not a whole number of at least 1" in capsys.readouterr().err
