@@ -25,6 +25,7 @@ import json
 import os
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,12 +44,31 @@ class InputError(ValueError):
     """A data folder, image, mask or model file that cannot be used; the message names it."""
 
 
+def _entries(folder):
+    """The entries of a folder, sorted by name, hidden ones left out."""
+    try:
+        with os.scandir(folder) as scan:
+            return sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+    except PermissionError:
+        raise InputError(f"{folder}: not readable (permission denied)") from None
+    except NotADirectoryError:
+        raise InputError(f"{folder}: is a file, not a folder") from None
+
+
 def list_ids(folder):
     """The image ids of a DSB2018 folder, sorted: its sub-folders, hidden ones left out."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, not a folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: no such data folder")
-    ids = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    ids = [e.name for e in _entries(folder) if e.is_dir()]
+    for id_ in ids:
+        try:
+            id_.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{folder}: the id folder {id_!r} has a name that is not valid "
+                             "UTF-8; rename it") from None
     if not ids:
         raise InputError(f"{folder}: no image folders in it (expected <id>/images/<id>.png)")
     return ids
@@ -107,17 +127,44 @@ def resize_2018(array, size):
     return resize(array, size, mode="constant", preserve_range=True, anti_aliasing=False)
 
 
-def _png_files(folder):
-    return sorted(e.name for e in os.scandir(folder)
-                  if e.is_file() and not e.name.startswith(".") and e.name.endswith(".png"))
+def _is_png(name):
+    return name.lower().endswith(".png")  # .PNG too: the same file format
+
+
+def image_path(folder, id_):
+    """An id's image, `<id>/images/<id>.png` (the suffix in any case)."""
+    images = Path(folder) / id_ / "images"
+    if images.is_dir():
+        for entry in _entries(images):
+            if entry.name[:-4] == id_ and _is_png(entry.name):
+                return Path(entry.path)
+    raise InputError(f"{images / (id_ + '.png')}: missing (every id folder needs "
+                     "images/<id>.png)")
+
+
+def mask_paths(folder, id_):
+    """An id's mask files, `<id>/masks/*.png` (the suffix in any case), sorted; anything else in
+    masks/ is named in a warning, never dropped unseen."""
+    masks = Path(folder) / id_ / "masks"
+    if not masks.is_dir():
+        return []
+    paths = []
+    for entry in _entries(masks):
+        path = Path(entry.path)
+        if not _is_png(entry.name):
+            warnings.warn(f"{path}: not a PNG, skipped", stacklevel=2)
+        elif entry.is_file():
+            paths.append(path)
+        elif entry.is_symlink():
+            raise InputError(f"{path}: a broken symbolic link")
+        else:
+            warnings.warn(f"{path}: not a file, skipped", stacklevel=2)
+    return paths
 
 
 def read_id_image(folder, id_):
-    """The image of one id folder, `<id>/images/<id>.png`, as read_image gives it."""
-    image_path = Path(folder) / id_ / "images" / f"{id_}.png"
-    if not image_path.is_file():
-        raise InputError(f"{image_path}: missing (every id folder needs images/<id>.png)")
-    return read_image(image_path)
+    """The image of one id folder as read_image gives it."""
+    return read_image(image_path(folder, id_))
 
 
 def shrink_image(image, size):
@@ -137,17 +184,32 @@ def _load_one(folder, id_, size, with_masks):
     return x, y[:, :, None]
 
 
-def _fingerprint(folder, ids, settings):
-    """A digest of every file's name, size and modification time, and of the settings."""
+def _digest(path):
+    """A file's name, size and CRC-32 of its bytes: any change of content is noticed, even one
+    that keeps the size and restores the modification time."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        problem = "a broken symbolic link" if path.is_symlink() else "vanished while reading"
+        raise InputError(f"{path}: {problem}") from None
+    except OSError as error:
+        raise InputError(f"{path}: not readable ({error.strerror})") from None
+    return f"{path.parent.name}/{path.name} {len(content)} {zlib.crc32(content)}\n"
+
+
+def _id_digest(folder, id_, with_masks):
+    paths = [image_path(folder, id_), *(mask_paths(folder, id_) if with_masks else [])]
+    return f"{id_}\n" + "".join(_digest(path) for path in paths)
+
+
+def _fingerprint(folder, ids, with_masks, settings):
+    """A digest of every image (and mask) file's name and content, and of the settings. Reading
+    every file costs about 0.6 s for stage1_train's 29,650 files, on threads (the reads wait on
+    the file system, not on Python)."""
     digest = hashlib.sha256(repr((LOADER_VERSION, settings)).encode())
-    for id_ in ids:
-        for sub in ("images", "masks"):
-            path = folder / id_ / sub
-            if not path.is_dir():
-                continue
-            for entry in sorted(os.scandir(path), key=lambda e: e.name):
-                stat = entry.stat()
-                digest.update(f"{id_}/{sub}/{entry.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for text in pool.map(lambda id_: _id_digest(folder, id_, with_masks), ids):
+            digest.update(text.encode())
     return digest.hexdigest()
 
 
@@ -190,7 +252,7 @@ def _load_folder(folder, kind, size, cache_dir):
     ids = list_ids(folder)
     with_masks = kind == "train"
     if cache_dir is not None:
-        fingerprint = _fingerprint(folder, ids, (kind, size))
+        fingerprint = _fingerprint(folder, ids, with_masks, (kind, size))
         cache_path = _cache_path(cache_dir, folder, kind)
         cached = _read_cache(cache_path, fingerprint)
         if cached is not None:
@@ -255,12 +317,11 @@ def image_kind(image):
 
 def read_labels(folder, id_, shape):
     """The id's nuclei at full size as one int32 label image: mask file k (sorted) is label k+1."""
-    mask_dir = Path(folder) / id_ / "masks"
     labels = np.zeros(shape, dtype=np.int32)
-    for k, name in enumerate(_png_files(mask_dir) if mask_dir.is_dir() else [], start=1):
-        mask = read_mask(mask_dir / name)
+    for k, path in enumerate(mask_paths(folder, id_), start=1):
+        mask = read_mask(path)
         if mask.shape != shape:
-            raise InputError(f"{mask_dir / name}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+            raise InputError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but "
                              f"its image is {shape[1]}x{shape[0]}")
         labels[mask] = k
     return labels

@@ -1,15 +1,17 @@
 """Every PNG flavour the data can hold is normalised; every bad input is one clear error."""
+import os
 import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data
-from tests.conftest import ROOT, make_dsb_tree, write_png
+from tests.conftest import ROOT, disc, make_dsb_tree, write_png
 
 
 def write_raw_png(path, array, bit_depth, color_type, size=None):
@@ -154,3 +156,92 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert last.startswith(f"error: {root / 'id00' / 'masks' / 'm1.png'}: not a readable image")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "m.keras").exists()
+
+
+# Issue 8: nothing silently wrong, one line for each bad input. ---------------------------------
+
+def test_png_suffix_in_any_case_is_read(dsb_tree):
+    _, Y_before, _ = data.load_train(dsb_tree)
+    for mask in (dsb_tree / "id01" / "masks").iterdir():
+        mask.rename(mask.with_suffix(".PNG"))
+    image = dsb_tree / "id02" / "images" / "id02.png"
+    image.rename(image.with_suffix(".PNG"))
+    _, Y_after, _ = data.load_train(dsb_tree)
+    assert np.array_equal(Y_after, Y_before) and Y_after[1].any()
+    assert data.read_labels(dsb_tree, "id01", (64, 80)).max() == 3
+
+
+def test_a_file_in_masks_that_is_not_a_png_is_named_in_a_warning(dsb_tree):
+    notes = dsb_tree / "id01" / "masks" / "notes.txt"
+    notes.write_text("not a mask")
+    with pytest.warns(UserWarning, match=f"{notes}: not a PNG, skipped"):
+        labels = data.read_labels(dsb_tree, "id01", (64, 80))
+    assert labels.max() == 3
+
+
+def test_cache_notices_a_mask_rewritten_with_the_same_size_and_time(dsb_tree, tmp_path):
+    """Uncompressed PNGs of the same shape have the same size whatever their pixels."""
+    mask_path = dsb_tree / "id00" / "masks" / "m0.png"
+    Image.fromarray(disc((64, 80), (16, 16), 6).astype(np.uint8) * 255).save(
+        mask_path, compress_level=0)
+    cache = tmp_path / "cache"
+    _, Y_before, _ = data.load_train(dsb_tree, cache_dir=cache)
+    stat = mask_path.stat()
+    Image.fromarray(disc((64, 80), (50, 70), 6).astype(np.uint8) * 255).save(
+        mask_path, compress_level=0)
+    os.utime(mask_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask_path.stat().st_size == stat.st_size
+    assert mask_path.stat().st_mtime_ns == stat.st_mtime_ns
+    _, Y_after, _ = data.load_train(dsb_tree, cache_dir=cache)
+    assert np.array_equal(Y_after, data.load_train(dsb_tree)[1])
+    assert not np.array_equal(Y_after, Y_before)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_mask_that_is_a_broken_link_is_named(dsb_tree, tmp_path, cache):
+    link = dsb_tree / "id01" / "masks" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(data.InputError, match=f"^{link}: a broken symbolic link$"):
+        data.load_train(dsb_tree, cache_dir=tmp_path / "cache" if cache else None)
+
+
+def test_an_id_folder_whose_name_is_not_utf8_is_named(dsb_tree):
+    os.mkdir(os.fsencode(dsb_tree) + b"/bad\xff")
+    with pytest.raises(data.InputError, match=r"id folder 'bad\\udcff' has a name that is not "
+                                              "valid UTF-8"):
+        data.list_ids(dsb_tree)
+
+
+def test_an_unreadable_folder_is_named(dsb_tree, monkeypatch):
+    masks = dsb_tree / "id01" / "masks"
+    scandir = os.scandir
+
+    def refuse(path):  # as a non-root user after chmod 000 (root reads anything)
+        if Path(path) == masks:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(data.InputError, match=f"^{masks}: not readable \\(permission denied\\)$"):
+        data.load_train(dsb_tree)
+
+
+def test_an_unreadable_file_is_named(dsb_tree, tmp_path, monkeypatch):
+    mask = dsb_tree / "id01" / "masks" / "m1.png"
+    read_bytes = Path.read_bytes
+
+    def refuse(path):
+        if path == mask:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(data.InputError, match=f"^{mask}: not readable \\(Permission denied\\)$"):
+        data.load_train(dsb_tree, cache_dir=tmp_path / "cache")
+
+
+def test_a_data_folder_that_is_a_file(tmp_path):
+    path = tmp_path / "train.zip"
+    path.write_bytes(b"PK")
+    with pytest.raises(data.InputError, match="train.zip: is a file, not a folder$"):
+        data.list_ids(path)
