@@ -74,6 +74,19 @@ def list_ids(folder):
     return ids
 
 
+def check_output_folder(folder, flag):
+    """Refuse, before any work, a folder that cannot take outputs: a file on its path, or a
+    nearest existing folder that is not writable. Nothing is created here."""
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{parent}: is a file, not a folder ({flag})")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"{parent}: not writable ({flag})")
+            return
+
+
 def _decode(path):
     """A PNG's pixels as uint8 or uint16, (H, W) or (H, W, colour channels): alpha dropped,
     palette and 1-bit images expanded."""

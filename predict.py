@@ -309,6 +309,7 @@ def report_scores(scores, kinds, truths, preds):
 def predict(args):
     import unet  # after the cheap checks of parse_args
 
+    data.check_output_folder(args.out_dir, "--out-dir")
     solution = read_solution(args.solution) if args.solution else None
     model = unet.load_unet(args.model_path)
     recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)

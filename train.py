@@ -24,6 +24,13 @@ def positive_int(text):
     return value
 
 
+def seed_value(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 32:  # NumPy's seeds
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number from 0 to 2**32 - 1")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,7 +48,7 @@ def parse_args(argv):
                              "default: the recipe's")
     parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
                         help="best model (.keras); its history goes next to it")
-    parser.add_argument("--seed", type=int, default=config.SEED,
+    parser.add_argument("--seed", type=seed_value, default=config.SEED,
                         help="seeds Python, NumPy and TensorFlow: same seed, same run")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last finished epoch")
@@ -184,6 +191,23 @@ def main(argv=None):
         sys.exit(f"error: {error}")
 
 
+def check_existing_model(model_path, recipe):
+    """The model already at --model-path, loaded, when train.py may continue to improve it:
+    one of ours (its shapes match its recipe), compiled, and of this run's recipe."""
+    import unet
+
+    saved = unet.read_recipe(model_path)
+    if any(saved.get(key) != value for key, value in recipe.items()
+           if key not in config.POST_SETTINGS):
+        raise data.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
+                              f"{saved['post']}); choose another --model-path or move it")
+    model = unet.load_unet(model_path)
+    if not model.compiled:
+        raise data.InputError(f"{model_path}: saved without its loss and optimizer (not written "
+                              "by train.py); choose another --model-path or move it")
+    return model
+
+
 def train(args):
     recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
@@ -191,20 +215,14 @@ def train(args):
     model_path = args.model_path
     if model_path.suffix != ".keras":
         raise data.InputError(f"{model_path}: the model path must end in .keras")
+    if model_path.is_dir():
+        raise data.InputError(f"{model_path}: is a folder, not a model file")
+    data.check_output_folder(model_path.parent, "--model-path")
     backup = backup_dir(model_path)
     if backup.exists() and not args.resume:
         raise data.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
                               "or delete the folder to start over")
-
-    if model_path.exists():
-        import unet
-
-        saved = unet.read_recipe(model_path)
-        if any(saved.get(key) != value for key, value in recipe.items()
-               if key not in config.POST_SETTINGS):
-            raise data.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
-                                  f"{saved['post']}); choose another --model-path or move it")
-    model_path.parent.mkdir(parents=True, exist_ok=True)
+    existing = check_existing_model(model_path, recipe) if model_path.exists() else None
     if recipe["input"] == "rgb_128":
         stream, split, X_val, Y_val = load_notebook_data(args)
     else:
@@ -233,10 +251,11 @@ def train(args):
     else:
         strategy = tf.distribute.get_strategy()
 
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     best = math.inf
-    if model_path.exists():
+    if existing is not None:
         # The best model so far is only replaced by a better one, in this run or a resumed one.
-        best = float(unet.load_unet(model_path).evaluate(X_val, Y_val, verbose=0)[0])
+        best = float(existing.evaluate(X_val, Y_val, verbose=0)[0])
         print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
     with strategy.scope():

@@ -208,6 +208,8 @@ def load_unet(path):
     """A model saved by train.py, loaded in Keras' safe mode and checked against the recipe saved
     with it; an InputError names what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a model file")
     if path.suffix != ".keras":
         raise InputError(f"{path}: only .keras model files are loaded (not {path.suffix or 'no suffix'})")
     if not path.is_file():
@@ -235,6 +237,9 @@ def load_unet(path):
     elif model.input_shape[-1] != INPUT_CHANNELS[recipe["input"]]:
         raise InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
                          f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
+    if recipe["input"] == "rgb_128" and model.output_shape[1:3] != model.input_shape[1:3]:
+        raise InputError(f"{path}: the model's output is {model.output_shape[1:3]}, its input "
+                         f"{model.input_shape[1:3]}: not a U-Net of this project")
     if model.output_shape[-1] != recipe["outputs"]:
         raise InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
                          f"{recipe['outputs']}")

@@ -572,3 +572,92 @@ def test_load_unet_refuses_a_model_of_another_input_size(tmp_path, small_images,
     monkeypatch.setattr(config, "IMG_HEIGHT", 64)
     with pytest.raises(data.InputError, match=r"the model takes \(32, 32, 3\) images"):
         unet.load_unet(path)
+
+
+# 7. Checked before any work (issue 8) ---------------------------------------------------------
+
+def exit_message(main, args):
+    """What main() stops with: sys.exit's one line, or argparse's exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    return stop.value.code
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32), "1.5"])
+def test_train_refuses_a_seed_numpy_cannot_take(tmp_path, tree, seed, capsys):
+    args = train_args(tree, tmp_path / "unet.keras", 1, "--seed", seed)
+    assert exit_message(train.main, args) == 2
+    assert "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "unet.keras").exists()
+
+
+def test_train_checks_its_paths_before_loading_anything(tmp_path, tree, capsys, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = {
+        (tree, a_file / "sub" / "unet.keras"): f"error: {a_file}: is a file, not a folder "
+                                               "(--model-path)",
+        (a_file, tmp_path / "new" / "deeper" / "unet.keras"): f"error: {a_file}: is a file, "
+                                                              "not a folder",
+        (tree, tmp_path / "folder.keras"): f"error: {tmp_path / 'folder.keras'}: is a folder, "
+                                           "not a model file",
+    }
+    (tmp_path / "folder.keras").mkdir()
+    for (train_dir, model_path), message in cases.items():
+        assert exit_message(train.main, train_args(train_dir, model_path, 1)) == message
+    assert not (tmp_path / "new").exists()  # the model's folders wait until the data is read
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and
+                        Path(path) != read_only)  # as chmod 555 does for a non-root user
+    assert exit_message(train.main, train_args(tree, read_only / "unet.keras", 1)) == \
+        f"error: {read_only}: not writable (--model-path)"
+    assert "Getting and resizing" not in capsys.readouterr().out
+
+
+def save_foreign_models(folder):
+    """Models train.py did not write: uncompiled, and with two output channels."""
+    import keras
+
+    import unet
+
+    uncompiled = folder / "uncompiled.keras"
+    compiled = unet.build_unet()
+    unet.save_atomic(keras.Model(compiled.inputs, compiled.outputs), uncompiled)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    two = folder / "two-outputs.keras"
+    keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs)).save(two)
+    return uncompiled, two
+
+
+def test_train_refuses_a_model_that_is_not_ours_before_loading_data(tmp_path, tree,
+                                                                    small_images, capsys):
+    uncompiled, two = save_foreign_models(tmp_path)
+    for path, words in ((uncompiled, "saved without its loss and optimizer"),
+                        (two, "the model has 2 outputs, its recipe 1")):
+        before = path.read_bytes()
+        message = exit_message(train.main, train_args(tree, path, 1))
+        assert message.startswith(f"error: {path}: ") and words in message, message
+        assert path.read_bytes() == before
+    assert "Getting and resizing" not in capsys.readouterr().out
+
+
+def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_images):
+    import predict
+
+    _, two = save_foreign_models(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val_sample.png").write_bytes(b"an earlier triptych")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    base = ["--train-dir", str(tree), "--test-dir", str(tree), "--no-cache"]
+    cases = {(two, out): f"error: {two}: the model has 2 outputs, its recipe 1",
+             (tmp_path, out): f"error: {tmp_path}: is a folder, not a model file",
+             (two, a_file / "out"): f"error: {a_file}: is a file, not a folder (--out-dir)"}
+    for (model_path, out_dir), message in cases.items():
+        args = base + ["--model-path", str(model_path), "--out-dir", str(out_dir)]
+        assert exit_message(predict.main, args) == message
+    assert [p.name for p in out.iterdir()] == ["val_sample.png"]
+    assert (out / "val_sample.png").read_bytes() == b"an earlier triptych"
