@@ -41,7 +41,8 @@ LOADER_VERSION = 1
 
 
 class InputError(ValueError):
-    """A data folder, image, mask or model file that cannot be used; the message names it."""
+    """A data folder, image, mask or model file that cannot be used, or an output that cannot be
+    written; the message names it."""
 
 
 def _entries(folder):
@@ -85,6 +86,70 @@ def check_output_folder(folder, flag):
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise InputError(f"{parent}: not writable ({flag})")
             return
+
+
+def partial_path(path):
+    """Where `path` is written before it is renamed into place: beside it (the same file
+    system), hidden, with the same suffix (Keras wants .keras)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def write_atomic(path, write):
+    """Call write(tmp) on partial_path(path), flush it to disk, then rename it over `path`: a
+    kill, a crash or a full disk at any moment leaves the earlier file whole, never a half file,
+    and the partial file is removed. A failed write is an InputError naming `path`."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: could not be written ({error.strerror or error}); the earlier "
+                         "file, if any, is kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # the rename itself survives a power cut
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class FileLock:
+    """An exclusive lock on a file beside `path` while a run writes `path`: a second run refuses
+    at start, and the operating system releases the lock when the process ends, so a killed run
+    never leaves it blocking (the lock file stays, unlocked)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.handle = None
+
+    def acquire(self):
+        self.handle = open(self.lock_path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(self.handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            self.handle = None
+            raise InputError(f"{self.path}: in use by another run (locked: {self.lock_path}); "
+                             "wait for it or choose another --model-path") from None
+
+    def release(self):
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
+            self.handle = None
 
 
 def _decode(path):

@@ -8,7 +8,6 @@ python predict.py --solution stage1_solution.csv   # also score the submission
 The model file carries its recipe (config.RECIPES); the post-processing follows it.
 """
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
@@ -244,13 +243,6 @@ def submission_rows(label_images, ids):
     return rows
 
 
-def write_atomic(path, write):
-    """Call write(tmp) then rename, so that a crash never leaves a half-written earlier output."""
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_triptych(plt, image, truth, prediction, title, path):
     """Image / Mask / Prediction side by side, the nuclei of both label images in colours (one
     per nucleus), so that merged and split nuclei show."""
@@ -264,7 +256,7 @@ def save_triptych(plt, image, truth, prediction, title, path):
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    data.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     print(f"Wrote {path}")
 
 
@@ -368,7 +360,7 @@ def predict(args):
     rows = submission_rows(predictor.nuclei(test_images), test_ids)
     submission = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     csv_path = args.out_dir / "submission.csv"
-    write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
+    data.write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
     print(f"Wrote {csv_path}: {sum(1 for _, runs in rows if runs)} nuclei in {len(test_ids)} "
           f"test images")
     if solution is not None:

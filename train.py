@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,24 +71,29 @@ def backup_dir(model_path):
 
 
 def repair_backup(backup):
-    """A kill while Keras writes the backup's small metadata file leaves invalid JSON, on which
-    Keras' own resume fails; fall back to the previous epoch's copies, as Keras does itself when
-    the weights file is the damaged one."""
+    """The epoch an interrupted run resumes at. A kill while Keras writes the backup leaves a
+    cut weights file or invalid JSON in its small metadata file; then the previous epoch's
+    copies are used (Keras does so itself for the weights, but only once training has begun,
+    too late to know where the input stream resumes)."""
+    import h5py
+
     metadata = backup / "training_metadata.json"
+    if not metadata.exists():
+        return 0
     try:
-        json.loads(metadata.read_text())["epoch"]
-        return
-    except FileNotFoundError:
-        return
-    except (ValueError, KeyError):
+        epoch = json.loads(metadata.read_text())["epoch"]
+        h5py.File(backup / "latest.weights.h5", "r").close()
+        return epoch
+    except (ValueError, KeyError, OSError):
         pass
     previous = [backup / "latest.weights.h5.bkp", backup / "training_metadata.json.bkp"]
     if not all(path.exists() for path in previous):
         raise data.InputError(f"{metadata}: damaged and no previous copy; delete {backup} "
                               "to start over")
-    print(f"{metadata} is damaged: resuming from the previous epoch's backup")
+    print(f"{backup}'s last epoch is damaged: resuming from the previous epoch's backup")
     os.replace(previous[0], backup / "latest.weights.h5")
     os.replace(previous[1], metadata)
+    return json.loads(metadata.read_text())["epoch"]
 
 
 def training_dataset(X, Y, batch_size, seed):
@@ -168,7 +174,7 @@ def plot_history(csv_path, png_path):
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    history = pd.read_csv(csv_path).drop_duplicates("epoch", keep="last")
+    history = pd.read_csv(csv_path)
     epochs = history["epoch"] + 1
     names = [name for name in ("loss", "my_iou_metric") if name in history]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
@@ -179,16 +185,37 @@ def plot_history(csv_path, png_path):
         ax.set_title(name)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    data.write_atomic(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM."""
+
+
+def stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:
+        signal.signal(sig, stop)
     try:
         train(args)
     except data.InputError as error:
         sys.exit(f"error: {error}")
+    except Stopped as name:
+        backup = backup_dir(args.model_path)
+        then = (f"`--resume` continues from the last finished epoch ({backup})" if backup.exists()
+                else "no epoch had finished, so there is nothing to resume")
+        print(f"stopped by {name}: the best model so far is safe in {args.model_path}; {then}",
+              file=sys.stderr)
+        sys.exit(128 + getattr(signal, str(name)))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def check_existing_model(model_path, recipe):
@@ -210,14 +237,25 @@ def check_existing_model(model_path, recipe):
 
 def train(args):
     recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
-    epochs = recipe["epochs"] if args.epochs is None else args.epochs
-    batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
     model_path = args.model_path
     if model_path.suffix != ".keras":
         raise data.InputError(f"{model_path}: the model path must end in .keras")
     if model_path.is_dir():
         raise data.InputError(f"{model_path}: is a folder, not a model file")
     data.check_output_folder(model_path.parent, "--model-path")
+    lock = data.FileLock(model_path)
+    if model_path.parent.is_dir():  # else it is made, and locked, once the data is read
+        lock.acquire()
+    try:
+        fit(args, recipe, lock)
+    finally:
+        lock.release()
+
+
+def fit(args, recipe, lock):
+    model_path = args.model_path
+    epochs = recipe["epochs"] if args.epochs is None else args.epochs
+    batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
     backup = backup_dir(model_path)
     if backup.exists() and not args.resume:
         raise data.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
@@ -227,6 +265,9 @@ def train(args):
         stream, split, X_val, Y_val = load_notebook_data(args)
     else:
         stream, split, X_val, Y_val = load_instance_data(args, recipe)
+    if lock.handle is None:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
 
     # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
     import keras
@@ -251,40 +292,45 @@ def train(args):
     else:
         strategy = tf.distribute.get_strategy()
 
-    model_path.parent.mkdir(parents=True, exist_ok=True)
     best = math.inf
     if existing is not None:
         # The best model so far is only replaced by a better one, in this run or a resumed one.
-        best = float(existing.evaluate(X_val, Y_val, verbose=0)[0])
+        best = float(existing.evaluate(X_val, Y_val, verbose=0, return_dict=True)["loss"])
         print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
+    steps = math.ceil(split / batch_size)
     with strategy.scope():
-        model = unet.build_unet(recipe=recipe, steps=epochs * math.ceil(split / batch_size))
+        model = unet.build_unet(recipe=recipe, steps=epochs * steps)
     model.summary()
 
-    resuming = args.resume and backup.exists()
-    if resuming:
-        repair_backup(backup)
-    elif args.resume:
+    initial_epoch = repair_backup(backup) if args.resume else 0
+    if args.resume and not backup.exists():
         print(f"Nothing to resume (no {backup}): starting a new run")
     csv_path, png_path = history_paths(model_path)
+    checkpoint = unet.BestCheckpoint(model_path, best, recipe)
+    record = unet.RunRecord(csv_path, backup, checkpoint, initial_epoch)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"], verbose=1,
                                       restore_best_weights=True),
-        unet.BestCheckpoint(model_path, best, recipe),
-        keras.callbacks.CSVLogger(csv_path, append=resuming),
+        checkpoint,
+        record,
         # Saved every epoch and deleted when training ends normally; keeps two copies so that a
         # kill while saving the backup leaves the previous one.
         keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
     ]
-    history = model.fit(stream(batch_size), steps_per_epoch=math.ceil(split / batch_size),
+    # A resumed run takes the batches an uninterrupted run would: the stream from its start,
+    # less the finished epochs' batches.
+    history = model.fit(stream(batch_size).skip(initial_epoch * steps), steps_per_epoch=steps,
                         validation_data=(X_val, Y_val), batch_size=batch_size,
                         epochs=epochs, callbacks=callbacks,
                         shuffle=False)  # the dataset reshuffles itself every epoch
-    if csv_path.exists():
+    if record.owns_model:
         plot_history(csv_path, png_path)
         print(f"History: {csv_path}, {png_path}")
+    elif model_path.exists():
+        print(f"This run did not improve on {model_path} (val_loss {best:.5f}): the model and "
+              "its history are unchanged")
     losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
         sys.exit(f"error: the loss became {losses[-1]} and training stopped; the best model so "

@@ -1,7 +1,6 @@
 """The notebook's U-Net, its DSB2018 metric, and its model files: atomic saving, safe loading."""
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from keras import layers
 from scipy import ndimage
 
 import config
+import data
 from data import INPUT_CHANNELS, InputError
 
 # (filters, dropout) of the contracting blocks c1..c4 and of the bottom block c5.
@@ -247,43 +247,35 @@ def load_unet(path):
 
 
 def partial_path(model_path):
-    """Where a checkpoint is written before it is renamed over the best model; Keras wants the
-    .keras suffix, the leading dot keeps it out of sight."""
-    return model_path.with_name(f".{model_path.stem}.partial.keras")
+    """Where a checkpoint is written before it is renamed over the best model."""
+    return data.partial_path(model_path)
+
+
+def _with_recipe(model, recipe):
+    def write(tmp):
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
+    return write
 
 
 def save_atomic(model, path, recipe=None):
-    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves
-    either the old file or the new one, never a truncated one (ModelCheckpoint truncates the old
-    best file before writing the new one). The recipe goes into the same archive, so that a model
-    never travels without it."""
-    tmp = partial_path(path)
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as archive:
-        archive.writestr(RECIPE_MEMBER, json.dumps(recipe or config.RECIPES["notebook"], indent=1))
-    _replace(tmp, path)
+    """Write to a temporary file in the same folder, then rename: a kill or a full disk at any
+    moment leaves either the old file or the new one, never a truncated one (ModelCheckpoint
+    truncates the old best file before writing the new one). The recipe goes into the same
+    archive, so that a model never travels without it."""
+    data.write_atomic(path, _with_recipe(model, recipe or config.RECIPES["notebook"]))
 
 
 def write_recipe(path, recipe):
     """Replace the recipe in a model file, atomically: a copy with the new recipe, renamed."""
-    tmp = partial_path(path)
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w") as target:
-        for item in source.infolist():
-            if item.filename != RECIPE_MEMBER:
-                target.writestr(item, source.read(item))
-        target.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
-    _replace(tmp, path)
-
-
-def _replace(tmp, path):
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    def write(tmp):
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w") as target:
+            for item in source.infolist():
+                if item.filename != RECIPE_MEMBER:
+                    target.writestr(item, source.read(item))
+            target.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
+    data.write_atomic(path, write)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -294,6 +286,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def __init__(self, path, best=math.inf, recipe=None):
         super().__init__()
         self.path, self.recipe, self.best = Path(path), recipe, best
+        self.saved = False  # whether this run has replaced the model file
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get("val_loss")
@@ -303,6 +296,63 @@ class BestCheckpoint(keras.callbacks.Callback):
             print(f"\nEpoch {epoch + 1}: val_loss improved from {self.best:.5f} to "
                   f"{current:.5f}, saving model to {self.path}")
             save_atomic(self.model, self.path, self.recipe)
-            self.best = current
+            self.best, self.saved = current, True
         else:
             print(f"\nEpoch {epoch + 1}: val_loss did not improve from {self.best:.5f}")
+
+
+class RunRecord(keras.callbacks.Callback):
+    """What a resumed run needs besides the weights and optimizer state that BackupAndRestore
+    keeps, and the history that belongs to the best model.
+
+    Every epoch, `run.json` in the backup folder gets the run's history rows, whether the run has
+    replaced the model, and the dropout layers' random states after the epoch (Keras does not
+    save them; without them a resumed run draws the masks of the run's first epoch again). The
+    model's history CSV is written only by a run that has replaced the model (a run that never
+    beats it leaves the model's history alone), atomically, with all of that run's epochs."""
+
+    def __init__(self, csv_path, backup, checkpoint, initial_epoch=0):
+        super().__init__()
+        self.csv_path, self.checkpoint = Path(csv_path), checkpoint
+        self.run_file = Path(backup) / "run.json"
+        self.initial_epoch = initial_epoch
+        self.rows, self.owns_model, self.random_states = [], False, {}
+        if initial_epoch and self.run_file.exists():
+            saved = json.loads(self.run_file.read_text())
+            # Rows of epochs whose backup was lost are run again.
+            self.rows = [row for row in saved["rows"] if row["epoch"] < initial_epoch]
+            self.owns_model = saved["owns_model"]
+            self.random_states = saved["random_states"]
+
+    def _random_state_variables(self):
+        return [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
+
+    def on_train_begin(self, logs=None):
+        states = self.random_states.get(str(self.initial_epoch))
+        if states is not None:
+            for variable, state in zip(self._random_state_variables(), states, strict=True):
+                variable.assign(np.array(state, dtype=variable.dtype))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+        self.owns_model = self.owns_model or self.checkpoint.saved
+        # The states at the start of this epoch and the next: the backup keeps two epochs too.
+        self.random_states = {key: value for key, value in self.random_states.items()
+                              if int(key) == epoch}
+        self.random_states[str(epoch + 1)] = [np.asarray(v).tolist()
+                                              for v in self._random_state_variables()]
+        record = {"rows": self.rows, "owns_model": self.owns_model,
+                  "random_states": self.random_states}
+        self.run_file.parent.mkdir(exist_ok=True)
+        data.write_atomic(self.run_file, lambda tmp: tmp.write_text(json.dumps(record)))
+        if self.owns_model:
+            data.write_atomic(self.csv_path, self._write_csv)
+
+    def _write_csv(self, tmp):
+        import csv
+
+        columns = ["epoch", *sorted({key for row in self.rows for key in row} - {"epoch"})]
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(self.rows)

@@ -6,6 +6,7 @@ subprocess run takes seconds. Runs that must be killed, or that must start fresh
 subprocess: `python -c` sets the image size, optionally installs a hook (a kill at a chosen
 moment, a pause, a recorder), then calls `train.main`.
 """
+import errno
 import hashlib
 import json
 import math
@@ -94,7 +95,7 @@ def on_epoch_begin(self, epoch, logs=None):
     if epoch == 2:
         open(MARKER, "w").close()
         time.sleep(600)
-keras.callbacks.CSVLogger.on_epoch_begin = on_epoch_begin
+keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
 """
 
 # Writes digests of the images and masks fit trains and validates on.
@@ -240,12 +241,14 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
 
     def broken_save(self, filepath, *args, **kwargs):
         Path(filepath).write_bytes(b"PK\x03\x04 half a zip")
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(keras.Model, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(data.InputError, match=f"^{path}: could not be written \\(No space left "
+                                              "on device\\); the earlier file, if any, is kept$"):
         unet.save_atomic(unet.build_unet(), path)
     assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]  # the partial file is gone
 
 
 def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
@@ -318,9 +321,9 @@ def test_nan_loss_stops_training_and_keeps_the_best(tmp_path, tree, small_images
         train.main(train_args(tree, model_path, 3, batch_size=2))  # two batches an epoch
     out = capsys.readouterr().out
     assert "Invalid loss, terminating training" in out
-    rows = history(model_path)
-    assert list(rows["epoch"]) == [0] and rows["loss"].isna().all()  # stopped in epoch 1
-    assert "Epoch 2/3" not in out
+    assert "Epoch 2/3" not in out  # stopped in epoch 1
+    assert "did not improve on" in out
+    assert not model_path.with_suffix(".history.csv").exists()  # the model's, and it had none
     assert "val_loss is nan, not saved" in out
     assert same_weights(weights(model_path), previous)
     assert not train.backup_dir(model_path).exists()
@@ -344,13 +347,19 @@ def test_existing_best_is_only_replaced_by_a_better_model(tmp_path, tree, small_
         model.layers[-1].set_weights([kernel, bias + 10])
         return model
 
+    csv_path, png_path = train.history_paths(model_path)
+    csv_path.write_text("epoch,loss,val_loss\n0,0.5,0.7\n")  # the existing model's
+    png_path.write_bytes(b"its curves")
     monkeypatch.setattr(unet, "build_unet", bad_unet)
     train.main(train_args(tree, model_path, 1))
     out = capsys.readouterr().out
     assert f"{model_path} exists with val_loss" in out
-    assert history(model_path)["val_loss"].iloc[0] > 2
-    assert "did not improve" in out
+    assert "did not improve from" in out
+    assert f"This run did not improve on {model_path}" in out
     assert same_weights(weights(model_path), previous)
+    # The history belongs to the model it describes: the discarded run's never replaces it.
+    assert csv_path.read_text() == "epoch,loss,val_loss\n0,0.5,0.7\n"
+    assert png_path.read_bytes() == b"its curves"
 
 
 def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, tree, small_images):
@@ -405,6 +414,48 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, tree,
     assert best_loss == pytest.approx(rows["val_loss"].min(), rel=1e-4, abs=1e-5)
 
 
+def kill_and_resume(tree, model_path, marker, epochs, *extra):
+    """A run killed once epoch 2 is finished (and backed up), then resumed to the end."""
+    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
+    args = train_args(tree, model_path, epochs, *extra, batch_size=3)
+    process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "epoch 2 did not finish in time"
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.communicate()
+    return run_train(args + ["--resume"])
+
+
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "instance", "--set", "crop=32"]],
+                         ids=["notebook", "instance"])
+def test_a_resumed_run_continues_the_same_run(tmp_path, tree, small_images, recipe):
+    """Killed after epoch 2 and resumed, a run gives the epochs of an uninterrupted run: the
+    same batches in the same order (the input stream resumes where it was) and the same dropout
+    masks (their random state is saved with the backup). Two batches an epoch, so that the order
+    matters. Tolerance: 1e-6 relative (the same arithmetic in the same order; equal here)."""
+    whole, resumed = tmp_path / "whole" / "unet.keras", tmp_path / "resumed" / "unet.keras"
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "-c", train_code(), *train_args(tree, whole, 4, *recipe, batch_size=3)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = kill_and_resume(tree, resumed, tmp_path / "paused", 4, *recipe)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, stderr = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, stderr[-3000:]
+    assert "Epoch 3/4" in result.stdout and "Epoch 2/4" not in result.stdout
+    a, b = history(whole), history(resumed)
+    assert list(a["epoch"]) == list(b["epoch"]) == [0, 1, 2, 3]
+    assert list(a.columns) == list(b.columns)
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-6, atol=0)
+    assert all(np.allclose(x, y, rtol=1e-6, atol=1e-7)
+               for x, y in zip(weights(whole), weights(resumed)))
+
+
 def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, tree,
                                                                         small_images):
 
@@ -416,8 +467,10 @@ def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path
     weights(model_path)  # loadable
     result = run_train(train_args(tree, model_path, 4, "--resume"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # The damaged backup of epoch 2 is replaced by epoch 1's, so epoch 2 is run again.
-    assert list(history(model_path)["epoch"]) == [0, 1, 1, 2, 3]
+    # The damaged backup of epoch 2 is replaced by epoch 1's, so epoch 2 is run again; the
+    # history keeps one row for each epoch.
+    assert "last epoch is damaged: resuming from the previous epoch's backup" in result.stdout
+    assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
     assert not train.backup_dir(model_path).exists()
 
 
@@ -432,7 +485,7 @@ def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, tree, s
     result = run_train(train_args(tree, model_path, 4, "--resume"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "is damaged: resuming from the previous epoch's backup" in result.stdout
-    assert list(history(model_path)["epoch"]) == [0, 1, 1, 2, 3]
+    assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
 
 
 # 4. Safe loading -----------------------------------------------------------------------------
