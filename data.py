@@ -20,9 +20,12 @@ Two things keep it that way on today's stack and make it fast:
 
 No TensorFlow here, so the data tests and `--help` stay fast.
 """
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import sys
 import warnings
 import zipfile
 import zlib
@@ -150,6 +153,39 @@ class FileLock:
         if self.handle is not None:
             self.handle.close()  # closing releases the lock
             self.handle = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM; the argument is the signal's name."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C and SIGTERM raise Stopped, so that a script can end with one line instead of a
+    traceback (or, for SIGTERM, silence); every file is written atomically, so none is half."""
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def exit_stopped(stopped, then):
+    """End the process after Stopped with one line, and 128 + the signal's number."""
+    name = str(stopped)
+    print(f"stopped by {name}: {then}", file=sys.stderr)
+    sys.exit(128 + getattr(signal, name))
 
 
 def _decode(path):

@@ -8,6 +8,7 @@ python predict.py --solution stage1_solution.csv   # also score the submission
 The model file carries its recipe (config.RECIPES); the post-processing follows it.
 """
 import argparse
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -263,9 +264,16 @@ def save_triptych(plt, image, truth, prediction, title, path):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        predict(args)
+        # --tune rewrites the model file: not while train.py may be replacing it.
+        with data.stop_on_signals(), (data.FileLock(args.model_path)
+                                      if args.tune and args.model_path.is_file()
+                                      else contextlib.nullcontext()):
+            predict(args)
     except data.InputError as error:
         sys.exit(f"error: {error}")
+    except data.Stopped as stopped:
+        data.exit_stopped(stopped, "every file written so far is whole, the others are as they "
+                                   "were")
 
 
 class Predictor:

@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -189,33 +188,18 @@ def plot_history(csv_path, png_path):
     plt.close(fig)
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM."""
-
-
-def stop(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in handlers:
-        signal.signal(sig, stop)
     try:
-        train(args)
+        with data.stop_on_signals():
+            train(args)
     except data.InputError as error:
         sys.exit(f"error: {error}")
-    except Stopped as name:
+    except data.Stopped as stopped:
         backup = backup_dir(args.model_path)
         then = (f"`--resume` continues from the last finished epoch ({backup})" if backup.exists()
                 else "no epoch had finished, so there is nothing to resume")
-        print(f"stopped by {name}: the best model so far is safe in {args.model_path}; {then}",
-              file=sys.stderr)
-        sys.exit(128 + getattr(signal, str(name)))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        data.exit_stopped(stopped, f"the best model so far is safe in {args.model_path}; {then}")
 
 
 def check_existing_model(model_path, recipe):

@@ -77,6 +77,22 @@ def save_weights(self, filepath, *args, **kwargs):
 keras.Model.save_weights = save_weights
 """
 
+# The disk fills up during the second save of a model (epoch 2's better model): half of it is
+# written, then ENOSPC.
+DISK_FULL_AT_SECOND_SAVE = """
+import errno, keras
+_save = keras.Model.save
+saves = []
+def save(self, filepath, *args, **kwargs):
+    saves.append(filepath)
+    if len(saves) == 2:
+        with open(filepath, "wb") as f:
+            f.write(b"PK" + bytes(100000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    _save(self, filepath, *args, **kwargs)
+keras.Model.save = save
+"""
+
 # Notes whether the stale partial file is still there when training starts.
 RECORD_PARTIAL = """
 import keras
@@ -714,3 +730,94 @@ def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_i
         assert exit_message(predict.main, args) == message
     assert [p.name for p in out.iterdir()] == ["val_sample.png"]
     assert (out / "val_sample.png").read_bytes() == b"an earlier triptych"
+
+
+
+# 8. Locks, signals and full disks (issue 8) ------------------------------------------------------
+
+def start_paused(tree, model_path, marker, epochs=4):
+    """A run that waits before epoch 3 (epochs 1 and 2 finished and backed up)."""
+    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
+    process = subprocess.Popen([sys.executable, "-c", code,
+                                *train_args(tree, model_path, epochs, batch_size=3)],
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the run did not reach epoch 3: " + process.communicate()[1][-3000:])
+        time.sleep(0.1)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, tree,
+                                                                    small_images, sig):
+    model_path = tmp_path / "unet.keras"
+    process = start_paused(tree, model_path, tmp_path / "paused")
+    try:
+        second = run_train(train_args(tree, model_path, 4, "--resume"))
+        assert_one_error_line(second, model_path, "in use by another run",
+                              f"locked: {tmp_path / '.unet.keras.lock'}")
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + sig
+    assert "Traceback" not in stderr
+    backup = train.backup_dir(model_path)
+    assert messages(stderr) == [f"stopped by {sig.name}: the best model so far is safe in "
+                                f"{model_path}; `--resume` continues from the last finished "
+                                f"epoch ({backup})"]
+    weights(model_path)  # loadable
+    # The lock file stays, unlocked: the next run goes on.
+    resumed = run_train(train_args(tree, model_path, 4, "--resume", batch_size=3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line_and_loses_nothing(tmp_path, tree,
+                                                                          small_images):
+    model_path = tmp_path / "unet.keras"
+    result = run_train(train_args(tree, model_path, 3), DISK_FULL_AT_SECOND_SAVE)
+    assert_one_error_line(result, model_path, "could not be written (No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".unet.keras.lock", "stage1_train", "unet.backup", "unet.history.csv", "unet.keras"]
+    rows = history(model_path)
+    assert list(rows["epoch"]) == [0]  # the history of the model that is there: epoch 1's
+    X, Y, _ = data.load_train(tree)
+    split = data.split_index(len(X), tree)
+    import unet
+    loss = unet.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
+    assert loss == pytest.approx(rows["val_loss"][0], rel=1e-4)
+    resumed = run_train(train_args(tree, model_path, 3, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_a_full_disk_while_writing_predictions_keeps_the_earlier_ones(tmp_path, tree,
+                                                                      small_images, monkeypatch):
+    import pandas as pd
+
+    import predict
+    import unet
+
+    model_path = tmp_path / "unet.keras"
+    unet.save_atomic(unet.build_unet(), model_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "submission.csv").write_text("the earlier submission")
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_text("ImageId,EncodedPixels\nid00,1 ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    args = ["--model-path", str(model_path), "--train-dir", str(tree), "--test-dir", str(tree),
+            "--out-dir", str(out), "--no-cache"]
+    assert exit_message(predict.main, args) == (
+        f"error: {out / 'submission.csv'}: could not be written (No space left on device); "
+        "the earlier file, if any, is kept")
+    assert (out / "submission.csv").read_text() == "the earlier submission"
+    assert sorted(p.name for p in out.iterdir()) == ["submission.csv", "train_sample.png",
+                                                     "val_sample.png"]
