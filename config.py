@@ -12,10 +12,18 @@ IMG_WIDTH = 128
 IMG_HEIGHT = 128
 IMG_CHANNELS = 3
 
+# `python data.py download` fetches the DSB2018 stage-1 data (CC0, released as BBBC038) from
+# DATA_URL into DATA_DIR; these file names under --mirror URL work as well.
+DATA_URL = "https://data.broadinstitute.org/bbbc/BBBC038/"
+DATA_FILES = ("stage1_train.zip", "stage1_test.zip", "stage1_solution.csv")
+DATA_DIR = ROOT / "data"
+SAMPLE_DIR = ROOT / "sample"
+
+
 # The bundled sample, so a fresh clone runs end to end; pass --train-dir / --test-dir for the
 # full DSB2018 stage-1 folders (the notebook's ./U_NET/train/ and ./U_NET/validation/).
-TRAIN_PATH = ROOT / "sample" / "stage1_train"
-TEST_PATH = ROOT / "sample" / "stage1_test"
+TRAIN_PATH = SAMPLE_DIR / "stage1_train"
+TEST_PATH = SAMPLE_DIR / "stage1_test"
 
 SEED = 42
 BATCH_SIZE = 16
