@@ -236,6 +236,14 @@ def load_test(test_dir, size=None, cache_dir=None):
     return _load_folder(test_dir, "test", size, cache_dir)
 
 
+def sample_note(folder):
+    """The line that ends a run on the bundled sample; None for any other folder."""
+    if Path(folder).resolve().is_relative_to(config.SAMPLE_DIR):
+        return ("This was a smoke test on the bundled sample, too small to learn from; "
+                "fetch the real data with `python data.py download` and run again.")
+    return None
+
+
 def split_index(n, folder):
     """Where Keras' validation_split cuts the n images of `folder`: the last VALIDATION_SPLIT
     of them are the validation set."""

@@ -37,9 +37,10 @@ def parse_args(argv):
                         help="DSB2018 folder of test images (no masks needed)")
     parser.add_argument("--out-dir", type=Path, default=config.OUT_DIR,
                         help="where the triptychs and submission.csv go")
-    parser.add_argument("--solution", type=Path,
+    parser.add_argument("--solution", type=Path, default=config.SOLUTION_PATH,
                         help="score the submission against this solution CSV "
-                             "(ImageId,EncodedPixels,Height,Width[,Usage])")
+                             "(ImageId,EncodedPixels,Height,Width[,Usage]); by default the "
+                             "downloaded one, when there is one")
     parser.add_argument("--threshold", type=probability,
                         help="probability above which a pixel is nucleus; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -378,6 +379,8 @@ def predict(args):
               f"{np.mean(test_scores):.4f} ({len(solution)} images, "
               f"{sum(int(l.max()) for l in solution.values()):,} nuclei; images missing from the "
               f"submission score 0)")
+    if note := data.sample_note(args.train_dir):
+        print(note)
     if args.show:
         plt.show()
 

@@ -196,6 +196,7 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     assert recipe == {**INSTANCE, "crop": 64}
     history = pd.read_csv(model_path.with_suffix(".history.csv"))
     assert list(history.columns) == ["epoch", "loss", "val_loss"] and len(history) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == data.sample_note(SAMPLE_TRAIN)
 
     # The notebook recipe on the same path is refused before any work.
     with pytest.raises(SystemExit) as stop:
@@ -209,6 +210,7 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Competition score (original resolution, every mask file one nucleus), validation: " \
         in printed and "Notebook's metric" not in printed
+    assert printed.splitlines()[-1] == data.sample_note(SAMPLE_TRAIN)
     submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
     test_ids = data.list_ids(SAMPLE_TEST)
     assert set(submission["ImageId"]) == set(test_ids)
