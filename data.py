@@ -443,19 +443,22 @@ def fetch(url, path):
             with open(partial, "ab" if start else "wb") as file, \
                     tqdm(total=total, initial=start, desc=path.name, unit="B", unit_scale=True,
                          unit_divisor=1024) as bar:
-                try:
-                    while chunk := response.read(CHUNK):
-                        file.write(chunk)
-                        bar.update(len(chunk))
-                        received += len(chunk)
-                except (OSError, http.client.HTTPException):
-                    pass  # cut: resumed below
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, http.client.HTTPException):
+                        break  # cut: resumed below
+                    if not chunk:
+                        break
+                    file.write(chunk)
+                    bar.update(len(chunk))
+                    received += len(chunk)
         if total is None or received == total:
             os.replace(partial, path)
             return
-        print(f"{url}: transfer cut at {received:,} of {total:,} bytes; resuming")
-    raise InputError(f"{url}: transfer cut {FETCH_ATTEMPTS} times; {partial} holds "
-                     f"{partial.stat().st_size:,} bytes, run again to resume")
+        print(f"{url}: transfer cut at {received:,} of {total:,} bytes")
+    raise InputError(f"{url}: transfer cut {FETCH_ATTEMPTS} times; run again to resume from "
+                     f"{partial}")
 
 
 def extract(archive, folder):

@@ -128,15 +128,24 @@ def test_a_cut_transfer_resumes_with_a_range_request(tmp_path, serve, archives):
     assert (to / "stage1_train.zip").read_bytes() == archives["stage1_train.zip"]
     assert data.list_ids(to / "stage1_train") == ["id00", "id01", "id02"]
 
-    # A partial file left by an earlier run is resumed too, not fetched again.
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "stage1_test.zip.partial").write_bytes(archives["stage1_test.zip"][:100])
-    server.requests.clear()
-    data.main(["download", "--to", str(other), "--mirror", server.url])
-    assert server.requests[1] == ("stage1_test.zip", "bytes=100-")
-    assert (other / "stage1_test.zip").read_bytes() == archives["stage1_test.zip"]
-    assert not (other / "stage1_test.zip.partial").exists()
+
+def test_a_run_that_gives_up_leaves_the_partial_file_and_the_next_run_resumes(
+        tmp_path, serve, archives, monkeypatch):
+    monkeypatch.setattr(data, "FETCH_ATTEMPTS", 1)
+    size = len(archives["stage1_test.zip"])
+    server = serve(archives, cut=["stage1_test.zip"])
+    to = tmp_path / "data"
+    partial = to / "stage1_test.zip.partial"
+    with pytest.raises(SystemExit) as stop:
+        data.main(["download", "--to", str(to), "--mirror", server.url])
+    assert str(stop.value) == (f"error: {server.url}stage1_test.zip: transfer cut 1 times; run "
+                               f"again to resume from {partial}")
+    assert partial.read_bytes() == archives["stage1_test.zip"][:size // 2]
+    assert not (to / "stage1_test").exists()
+    data.main(["download", "--to", str(to), "--mirror", server.url])
+    assert server.requests[-2] == ("stage1_test.zip", f"bytes={size // 2}-")
+    assert (to / "stage1_test.zip").read_bytes() == archives["stage1_test.zip"]
+    assert not partial.exists() and data.list_ids(to / "stage1_test") == ["id00", "id01"]
 
 
 def test_a_damaged_archive_stops_in_one_line_and_leaves_no_folder(tmp_path, serve, archives):
