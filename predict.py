@@ -38,7 +38,8 @@ def parse_args(argv):
     parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
                         help="DSB2018 folder of test images (no masks needed)")
     parser.add_argument("--out-dir", type=Path, default=config.OUT_DIR,
-                        help="where the triptychs and submission.csv go")
+                        help="where the triptychs, submission.csv, overlays/ and "
+                             "contact_sheet.png go")
     parser.add_argument("--solution", type=Path, default=config.SOLUTION_PATH,
                         help="score the submission against this solution CSV "
                              "(ImageId,EncodedPixels,Height,Width[,Usage]); by default the "
