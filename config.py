@@ -12,10 +12,31 @@ IMG_WIDTH = 128
 IMG_HEIGHT = 128
 IMG_CHANNELS = 3
 
-# The bundled sample, so a fresh clone runs end to end; pass --train-dir / --test-dir for the
-# full DSB2018 stage-1 folders (the notebook's ./U_NET/train/ and ./U_NET/validation/).
-TRAIN_PATH = ROOT / "sample" / "stage1_train"
-TEST_PATH = ROOT / "sample" / "stage1_test"
+# `python data.py download` fetches the DSB2018 stage-1 data (CC0, released as BBBC038) from
+# DATA_URL into DATA_DIR; these file names under --mirror URL work as well.
+DATA_URL = "https://data.broadinstitute.org/bbbc/BBBC038/"
+DATA_FILES = ("stage1_train.zip", "stage1_test.zip", "stage1_solution.csv")
+DATA_DIR = ROOT / "data"
+SAMPLE_DIR = ROOT / "sample"
+
+
+def data_root(data_dir=DATA_DIR):
+    """Where the scripts' data defaults point: `data_dir` once both stage-1 folders are there
+    (the notebook's ./U_NET/train/ and ./U_NET/validation/), else the bundled sample, so that a
+    fresh clone runs end to end."""
+    if all((data_dir / name).is_dir() for name in ("stage1_train", "stage1_test")):
+        return data_dir
+    return SAMPLE_DIR
+
+
+DATA_ROOT = data_root()
+TRAIN_PATH = DATA_ROOT / "stage1_train"
+TEST_PATH = DATA_ROOT / "stage1_test"
+# The test set's true nuclei, when the download has fetched them: predict.py then scores its
+# submission against them by default.
+SOLUTION_PATH = DATA_ROOT / "stage1_solution.csv"
+if not SOLUTION_PATH.is_file():
+    SOLUTION_PATH = None
 
 SEED = 42
 BATCH_SIZE = 16

@@ -20,12 +20,17 @@ Two things keep it that way on today's stack and make it fast:
 
 No TensorFlow here, so the data tests and `--help` stay fast.
 """
+import argparse
 import contextlib
 import hashlib
+import http.client
 import json
 import os
+import shutil
 import signal
 import sys
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -405,6 +410,14 @@ def load_test(test_dir, size=None, cache_dir=None):
     return _load_folder(test_dir, "test", size, cache_dir)
 
 
+def sample_note(folder):
+    """The line that ends a run on the bundled sample; None for any other folder."""
+    if Path(folder).resolve().is_relative_to(config.SAMPLE_DIR):
+        return ("This was a smoke test on the bundled sample, too small to learn from; "
+                "fetch the real data with `python data.py download` and run again.")
+    return None
+
+
 def split_index(n, folder):
     """Where Keras' validation_split cuts the n images of `folder`: the last VALIDATION_SPLIT
     of them are the validation set."""
@@ -566,3 +579,147 @@ def recipe_with(recipe, settings, allowed=None):
         raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "
                          f"not outputs={recipe['outputs']}")
     return recipe
+
+
+# `python data.py download`: the real data, fetched into the layout the scripts read.
+
+# A transfer cut after it started is resumed up to this many times in one run (a run that still
+# fails leaves the partial file, and the next run resumes it); a failed connection stops at once.
+FETCH_ATTEMPTS = 5
+FETCH_TIMEOUT = 60  # seconds without a byte before a connection counts as cut
+CHUNK = 1 << 20
+
+
+def fetch(url, path):
+    """Download `url` to `path` through `<path>.partial`, renamed into place once complete; a cut
+    transfer continues where the partial file ends, with an HTTP Range request."""
+    partial = path.with_name(path.name + ".partial")
+    for _ in range(FETCH_ATTEMPTS):
+        start = partial.stat().st_size if partial.exists() else 0
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                              timeout=FETCH_TIMEOUT)
+        except urllib.error.HTTPError as error:
+            if error.code == 416:  # the partial file is not the start of this file: start over
+                partial.unlink()
+                continue
+            raise InputError(f"{url}: HTTP {error.code} {error.reason}") from None
+        except OSError as error:  # URLError, refused, timed out, no route, unknown host
+            raise InputError(f"{url}: cannot download ({getattr(error, 'reason', error)})") from None
+        with response:
+            if response.status != 206:  # the server ignored the Range: the whole file comes
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length is not None else None
+            received = start
+            with open(partial, "ab" if start else "wb") as file, \
+                    tqdm(total=total, initial=start, desc=path.name, unit="B", unit_scale=True,
+                         unit_divisor=1024) as bar:
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, http.client.HTTPException):
+                        break  # cut: resumed below
+                    if not chunk:
+                        break
+                    file.write(chunk)
+                    bar.update(len(chunk))
+                    received += len(chunk)
+        if total is None or received == total:
+            os.replace(partial, path)
+            return
+        print(f"{url}: transfer cut at {received:,} of {total:,} bytes")
+    raise InputError(f"{url}: transfer cut {FETCH_ATTEMPTS} times; run again to resume from "
+                     f"{partial}")
+
+
+def extract(archive, folder):
+    """Check `archive` (a zip of DSB2018 id folders, at its top level or inside one folder) and
+    extract it as `folder`: into a hidden temporary folder first, renamed once complete and
+    checked, so that a half-extracted folder never looks like data. A damaged archive is
+    removed, so that the next run downloads it afresh."""
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while extracting
+    tmp.mkdir()
+    try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                bad = zf.testzip()
+                if bad is not None:
+                    raise zipfile.BadZipFile(f"bad CRC in {bad}")
+                for member in tqdm(zf.infolist(), desc=f"extracting {archive.name}",
+                                   unit="files"):
+                    zf.extract(member, tmp)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            archive.unlink()
+            raise InputError(f"{archive}: damaged archive ({error}); removed, run again to "
+                             "download it afresh") from None
+        entries = list(tmp.iterdir())
+        root = tmp
+        if len(entries) == 1 and entries[0].is_dir() and not (entries[0] / "images").is_dir():
+            root = entries[0]  # one enclosing folder around the id folders
+        ids = [e.name for e in sorted(root.iterdir()) if e.is_dir() and not e.name.startswith(".")]
+        if not ids or not all((root / id_ / "images" / f"{id_}.png").is_file() for id_ in ids):
+            raise InputError(f"{archive}: not DSB2018 data (expected <id>/images/<id>.png for "
+                             "every folder, at the top level or inside one folder)")
+        os.replace(root, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ids
+
+
+def download(to, base_url):
+    """Fetch config.DATA_FILES from `base_url` into `to` and extract the archives; what is
+    already in place is left as it is."""
+    to.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    for name in config.DATA_FILES:
+        url, path = base_url.rstrip("/") + "/" + name, to / name
+        folder = to / Path(name).stem if name.endswith(".zip") else path
+        if folder.exists():
+            count = f" ({len(list_ids(folder))} images)" if folder.is_dir() else ""
+            print(f"{folder}: in place{count}")
+            continue
+        fetched += 1
+        if not path.exists():
+            fetch(url, path)
+        if name.endswith(".zip"):
+            print(f"{folder}: {len(extract(path, folder))} images")
+            continue
+        with open(path, "rb") as file:
+            header = file.readline(200)
+        if not header.startswith(b"ImageId,EncodedPixels"):
+            path.unlink()
+            raise InputError(f"{url}: not a solution CSV (its first line is {header[:60]!r})")
+        print(f"{path}: the stage-1 test solution")
+    if not fetched:
+        print(f"Everything is in place in {to}: nothing to fetch.")
+    if to.resolve() == config.DATA_DIR:
+        print("train.py and predict.py use it by default.")
+    else:
+        print(f"Pass --train-dir {to / 'stage1_train'} --test-dir {to / 'stage1_test'} to the "
+              "scripts.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Fetch the DSB2018 stage-1 data (BBBC038, CC0): "
+                    + ", ".join(config.DATA_FILES) + "; extract the archives.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch_parser = commands.add_parser("download", help="fetch and extract the data",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fetch_parser.add_argument("--to", type=Path, default=config.DATA_DIR,
+                              help="folder for the archives and the extracted data")
+    fetch_parser.add_argument("--mirror", default=config.DATA_URL, metavar="URL",
+                              help="base URL holding the same file names")
+    args = parser.parse_args(argv)
+    try:
+        download(args.to, args.mirror)
+    except InputError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

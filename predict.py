@@ -1,14 +1,16 @@
 """Predict with a trained U-Net: the competition's score on the validation split, image / mask /
-prediction triptychs, and a Kaggle submission CSV for the test images.
+prediction triptychs, a Kaggle submission CSV for the test images, each test image with its
+predicted nuclei outlined, and a contact sheet of them all.
 
 python predict.py            # headless: PNGs and submission.csv in --out-dir
-python predict.py --show     # also open the triptychs in windows
+python predict.py --show     # also open the triptychs and the contact sheet in windows
 python predict.py --solution stage1_solution.csv   # also score the submission
 
 The model file carries its recipe (config.RECIPES); the post-processing follows it.
 """
 import argparse
 import contextlib
+import math
 import random
 import sys
 from pathlib import Path
@@ -36,10 +38,12 @@ def parse_args(argv):
     parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
                         help="DSB2018 folder of test images (no masks needed)")
     parser.add_argument("--out-dir", type=Path, default=config.OUT_DIR,
-                        help="where the triptychs and submission.csv go")
-    parser.add_argument("--solution", type=Path,
+                        help="where the triptychs, submission.csv, overlays/ and "
+                             "contact_sheet.png go")
+    parser.add_argument("--solution", type=Path, default=config.SOLUTION_PATH,
                         help="score the submission against this solution CSV "
-                             "(ImageId,EncodedPixels,Height,Width[,Usage])")
+                             "(ImageId,EncodedPixels,Height,Width[,Usage]); by default the "
+                             "downloaded one, when there is one")
     parser.add_argument("--threshold", type=probability,
                         help="probability above which a pixel is nucleus; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -50,7 +54,8 @@ def parse_args(argv):
                              "split and save them in the model's recipe")
     parser.add_argument("--seed", type=int, default=config.SEED,
                         help="picks the sample images shown")
-    parser.add_argument("--show", action="store_true", help="open the triptychs in windows")
+    parser.add_argument("--show", action="store_true",
+                        help="open the triptychs and the contact sheet in windows")
     parser.add_argument("--no-cache", action="store_true",
                         help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
     return parser.parse_args(argv)
@@ -261,6 +266,65 @@ def save_triptych(plt, image, truth, prediction, title, path):
     print(f"Wrote {path}")
 
 
+def overlay(image, labels):
+    """The image (H, W, 3) with each nucleus of `labels` outlined (its inner boundary) in its own
+    colour, the triptychs' colours."""
+    from skimage.color import label2rgb
+    from skimage.segmentation import find_boundaries
+
+    edges = find_boundaries(labels, mode="inner")
+    picture = image.copy()
+    picture[edges] = (label2rgb(labels, bg_label=0)[edges] * 255).round().astype(np.uint8)
+    return picture
+
+
+# The contact sheet: each test image fitted into a TILE x TILE square, a caption strip below.
+TILE = 200
+CAPTION = 14
+
+
+def contact_sheet(images, label_images, ids):
+    """All the test images in one PIL image, ceil(sqrt(n)) to a row, nuclei outlined at the
+    tile's size (outlines drawn at full size would vanish in the shrinking), each captioned with
+    the start of its id and its number of nuclei."""
+    from PIL import Image, ImageDraw
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)))
+    draw = ImageDraw.Draw(sheet)
+    for n, (image, labels, id_) in enumerate(zip(images, label_images, ids)):
+        scale = TILE / max(image.shape[:2])
+        size = (max(round(image.shape[1] * scale), 1), max(round(image.shape[0] * scale), 1))
+        small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        small_labels = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
+        left, top = (n % columns) * TILE, (n // columns) * (TILE + CAPTION)
+        sheet.paste(Image.fromarray(overlay(small, small_labels)), (left, top))
+        draw.text((left + 2, top + TILE + 1), f"{id_[:8]}  {labels.max()} nuclei", fill="white")
+    return sheet
+
+
+def save_pictures(images, label_images, ids, out_dir):
+    """`out_dir/overlays/<id>.png` for each image (only this run's: older ones removed) and
+    `out_dir/contact_sheet.png`; returns the sheet."""
+    from PIL import Image
+
+    folder = out_dir / "overlays"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.png"):
+        if old.stem not in ids:
+            old.unlink()
+    for image, labels, id_ in zip(images, label_images, ids):
+        picture = Image.fromarray(overlay(image, labels))
+        data.write_atomic(folder / f"{id_}.png", lambda tmp: picture.save(tmp, format="PNG"))
+    print(f"Wrote {folder}: {len(ids)} test images with their predicted nuclei outlined")
+    sheet = contact_sheet(images, label_images, ids)
+    path = out_dir / "contact_sheet.png"
+    data.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    print(f"Wrote {path}")
+    return sheet
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -323,6 +387,14 @@ def predict(args):
     if not args.show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends import BackendFilter, backend_registry
+
+    if args.show and plt.get_backend().lower() not in backend_registry.list_builtin(
+            BackendFilter.INTERACTIVE):
+        # No display (or no GUI toolkit): matplotlib fell back to a file-only backend.
+        print(f"--show: no display to open windows on (matplotlib's backend is "
+              f"{plt.get_backend()}); writing the pictures only")
+        args.show = False
 
     predictor = Predictor(model, recipe)
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
@@ -365,7 +437,8 @@ def predict(args):
     import pandas as pd
 
     test_images, _ = data.load_native(args.test_dir, test_ids, with_labels=False)
-    rows = submission_rows(predictor.nuclei(test_images), test_ids)
+    test_preds = predictor.nuclei(test_images)
+    rows = submission_rows(test_preds, test_ids)
     submission = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     csv_path = args.out_dir / "submission.csv"
     data.write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
@@ -379,7 +452,15 @@ def predict(args):
               f"{np.mean(test_scores):.4f} ({len(solution)} images, "
               f"{sum(int(l.max()) for l in solution.values()):,} nuclei; images missing from the "
               f"submission score 0)")
+    sheet = save_pictures(test_images, test_preds, test_ids, args.out_dir)
+    if note := data.sample_note(args.train_dir):
+        print(note)
     if args.show:
+        fig, ax = plt.subplots(figsize=(10, 10 * sheet.height / sheet.width))
+        ax.imshow(sheet)
+        ax.set_title("Test images, predicted nuclei outlined")
+        ax.axis("off")
+        fig.tight_layout()
         plt.show()
 
 

@@ -1,8 +1,8 @@
 """Train the notebook's U-Net on a DSB2018 folder and keep the best model by val_loss.
 
-python train.py                                   # the bundled sample
+python train.py                    # data/stage1_train (python data.py download), else the sample
+python train.py --recipe instance
 python train.py --train-dir ../shared/data/dsb2018/stage1_train
-python train.py --train-dir ../shared/data/dsb2018/stage1_train --recipe instance
 """
 import argparse
 import json
@@ -319,6 +319,8 @@ def fit(args, recipe, lock):
     if losses and not math.isfinite(losses[-1]):
         sys.exit(f"error: the loss became {losses[-1]} and training stopped; the best model so "
                  f"far is kept in {model_path}")
+    if note := data.sample_note(args.train_dir):
+        print(note)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ def make_dsb_tree(root, n_images=4, shape=(64, 80), masks=True):
     return ids
 
 
+@pytest.fixture(autouse=True)
+def sample_defaults(monkeypatch):
+    """The scripts' data defaults as on a fresh clone, whether or not data/ has been fetched."""
+    monkeypatch.setattr(config, "TRAIN_PATH", SAMPLE_TRAIN)
+    monkeypatch.setattr(config, "TEST_PATH", SAMPLE_TEST)
+    monkeypatch.setattr(config, "SOLUTION_PATH", None)
+
+
 @pytest.fixture
 def dsb_tree(tmp_path):
     root = tmp_path / "stage1_train"

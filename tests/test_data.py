@@ -74,6 +74,21 @@ def test_image_size_follows_config(dsb_tree, monkeypatch):
     assert X.shape == (4, 32, 48, 3) and Y.shape == (4, 32, 48, 1)
 
 
+def test_data_defaults_follow_the_downloaded_folders(tmp_path):
+    assert config.data_root(tmp_path) == config.SAMPLE_DIR
+    (tmp_path / "stage1_train").mkdir()
+    assert config.data_root(tmp_path) == config.SAMPLE_DIR  # the test images are needed too
+    (tmp_path / "stage1_test").mkdir()
+    assert config.data_root(tmp_path) == tmp_path
+
+
+def test_only_runs_on_the_sample_are_called_a_smoke_test(tmp_path):
+    assert data.sample_note(SAMPLE_TRAIN) == (
+        "This was a smoke test on the bundled sample, too small to learn from; fetch the real "
+        "data with `python data.py download` and run again.")
+    assert data.sample_note(tmp_path / "stage1_train") is None
+
+
 def test_split_index_matches_keras_validation_split(tmp_path):
     assert data.split_index(664, tmp_path) == 597
     assert data.split_index(27, tmp_path) == 24

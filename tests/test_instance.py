@@ -186,7 +186,11 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
 
 def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     """Train the instance recipe on the bundled sample (small crops, 1 epoch), predict with no
-    recipe flag: the recipe comes from the model file."""
+    recipe flag: the recipe comes from the model file. --show without a display says so and
+    writes every picture."""
+    import matplotlib
+    from PIL import Image
+
     import unet
 
     model_path = tmp_path / "instance.keras"
@@ -196,6 +200,7 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     assert recipe == {**INSTANCE, "crop": 64}
     history = pd.read_csv(model_path.with_suffix(".history.csv"))
     assert list(history.columns) == ["epoch", "loss", "val_loss"] and len(history) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == data.sample_note(SAMPLE_TRAIN)
 
     # The notebook recipe on the same path is refused before any work.
     with pytest.raises(SystemExit) as stop:
@@ -204,11 +209,16 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
 
     out_dir = tmp_path / "out"
     capsys.readouterr()
+    matplotlib.use("Agg")  # no display, even when the tests run on a desktop
     predict.main(["--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN),
-                  "--test-dir", str(SAMPLE_TEST), "--out-dir", str(out_dir), "--set", "tta=false"])
+                  "--test-dir", str(SAMPLE_TEST), "--out-dir", str(out_dir), "--set", "tta=false",
+                  "--show"])
     printed = capsys.readouterr().out
+    assert ("--show: no display to open windows on (matplotlib's backend is Agg); writing the "
+            "pictures only") in printed.splitlines()
     assert "Competition score (original resolution, every mask file one nucleus), validation: " \
         in printed and "Notebook's metric" not in printed
+    assert printed.splitlines()[-1] == data.sample_note(SAMPLE_TRAIN)
     submission = pd.read_csv(out_dir / "submission.csv", keep_default_na=False)
     test_ids = data.list_ids(SAMPLE_TEST)
     assert set(submission["ImageId"]) == set(test_ids)
@@ -216,6 +226,15 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     shapes = {id_: image.shape[:2] for id_, image in zip(test_ids, images)}
     labels = predict.labels_from_rows(submission.itertuples(index=False), shapes)
     assert sum(int(l.max()) for l in labels.values()) == (submission["EncodedPixels"] != "").sum()
+    for name in ("train_sample.png", "val_sample.png"):
+        assert (out_dir / name).is_file()
+    overlays = sorted((out_dir / "overlays").iterdir())
+    assert [path.name for path in overlays] == [f"{id_}.png" for id_ in test_ids]
+    for path, image in zip(overlays, images):
+        with Image.open(path) as picture:
+            assert picture.mode == "RGB" and picture.size == (image.shape[1], image.shape[0])
+    with Image.open(out_dir / "contact_sheet.png") as sheet:  # 6 images, 3 to a row
+        assert sheet.size == (3 * predict.TILE, 2 * (predict.TILE + predict.CAPTION))
     json.loads(json.dumps(recipe))  # plain JSON: readable without this project
 
 

@@ -38,6 +38,24 @@ def test_submission_resizes_back_and_labels_each_nucleus():
     assert first.shape == (16, 24) and first.any() and not (first & predict.rle_decode(rows[1][1], (16, 24))).any()
 
 
+def test_overlay_outlines_each_nucleus_in_its_own_colour():
+    image = np.full((10, 12, 3), 7, np.uint8)
+    labels = np.zeros((10, 12), np.int32)
+    labels[1:4, 1:4] = 1   # 3x3: its 8 outer pixels are its outline
+    labels[5:9, 6:11] = 2  # 4x5: 14
+    out = predict.overlay(image, labels)
+    changed = (out != image).any(axis=2)
+    assert changed.sum() == 8 + 14 and not changed[2, 2] and not changed[labels == 0].any()
+    assert out[1, 1].tolist() == [255, 0, 0] and out[5, 6].tolist() == [0, 0, 255]
+
+
+def test_contact_sheet_rows_of_ceil_sqrt_n_tiles():
+    images = [np.zeros((256, 320, 3), np.uint8)] * 5 + [np.zeros((1040, 1388, 3), np.uint8)]
+    labels = [np.zeros(image.shape[:2], np.int32) for image in images]
+    sheet = predict.contact_sheet(images, labels, [f"id{n}" for n in range(6)])
+    assert sheet.size == (3 * predict.TILE, 2 * (predict.TILE + predict.CAPTION))
+
+
 def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     make_dsb_tree(train_dir, n_images=10)
