@@ -292,11 +292,12 @@ def fit(args, recipe, lock):
         print(f"Nothing to resume (no {backup}): starting a new run")
     csv_path, png_path = history_paths(model_path)
     checkpoint = unet.BestCheckpoint(model_path, best, recipe)
-    record = unet.RunRecord(csv_path, backup, checkpoint, initial_epoch)
+    early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"],
+                                                   verbose=1, restore_best_weights=True)
+    record = unet.RunRecord(csv_path, backup, checkpoint, early_stopping, initial_epoch)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"], verbose=1,
-                                      restore_best_weights=True),
+        early_stopping,
         checkpoint,
         record,
         # Saved every epoch and deleted when training ends normally; keeps two copies so that a

@@ -306,14 +306,16 @@ class RunRecord(keras.callbacks.Callback):
     keeps, and the history that belongs to the best model.
 
     Every epoch, `run.json` in the backup folder gets the run's history rows, whether the run has
-    replaced the model, and the dropout layers' random states after the epoch (Keras does not
-    save them; without them a resumed run draws the masks of the run's first epoch again). The
+    replaced the model, EarlyStopping's count (so that patience runs on across a resume), and
+    the dropout layers' random states after the epoch (Keras does not save them; without them a
+    resumed run draws the masks of the run's first epoch again). The
     model's history CSV is written only by a run that has replaced the model (a run that never
     beats it leaves the model's history alone), atomically, with all of that run's epochs."""
 
-    def __init__(self, csv_path, backup, checkpoint, initial_epoch=0):
+    def __init__(self, csv_path, backup, checkpoint, early_stopping, initial_epoch=0):
         super().__init__()
         self.csv_path, self.checkpoint = Path(csv_path), checkpoint
+        self.early_stopping = early_stopping
         self.run_file = Path(backup) / "run.json"
         self.initial_epoch = initial_epoch
         self.rows, self.owns_model, self.random_states = [], False, {}
@@ -330,8 +332,12 @@ class RunRecord(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         states = self.random_states.get(str(self.initial_epoch))
         if states is not None:
-            for variable, state in zip(self._random_state_variables(), states, strict=True):
+            *dropout, stopping = states
+            for variable, state in zip(self._random_state_variables(), dropout, strict=True):
                 variable.assign(np.array(state, dtype=variable.dtype))
+            # Its best weights are not kept: train.py saves the best model itself.
+            for name, value in stopping.items():
+                setattr(self.early_stopping, name, value)
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
@@ -339,8 +345,11 @@ class RunRecord(keras.callbacks.Callback):
         # The states at the start of this epoch and the next: the backup keeps two epochs too.
         self.random_states = {key: value for key, value in self.random_states.items()
                               if int(key) == epoch}
-        self.random_states[str(epoch + 1)] = [np.asarray(v).tolist()
-                                              for v in self._random_state_variables()]
+        self.random_states[str(epoch + 1)] = [
+            *(np.asarray(v).tolist() for v in self._random_state_variables()),
+            {"wait": int(self.early_stopping.wait),
+             "best_epoch": int(self.early_stopping.best_epoch),
+             "best": None if self.early_stopping.best is None else float(self.early_stopping.best)}]
         record = {"rows": self.rows, "owns_model": self.owns_model,
                   "random_states": self.random_states}
         self.run_file.parent.mkdir(exist_ok=True)

@@ -821,3 +821,38 @@ def test_a_full_disk_while_writing_predictions_keeps_the_earlier_ones(tmp_path, 
     assert (out / "submission.csv").read_text() == "the earlier submission"
     assert sorted(p.name for p in out.iterdir()) == ["submission.csv", "train_sample.png",
                                                      "val_sample.png"]
+
+
+def test_run_record_carries_early_stopping_and_dropout_state_across_a_resume(tmp_path,
+                                                                             small_images):
+    import keras
+
+    import unet
+
+    def callbacks(model, initial_epoch):
+        stopping = keras.callbacks.EarlyStopping(patience=3)
+        checkpoint = unet.BestCheckpoint(tmp_path / "m.keras")
+        record = unet.RunRecord(tmp_path / "m.history.csv", tmp_path / "m.backup", checkpoint,
+                                stopping, initial_epoch)
+        for callback in (stopping, checkpoint, record):
+            callback.set_model(model)
+            callback.on_train_begin()
+        return stopping, record
+
+    model = unet.build_unet()
+    stopping, record = callbacks(model, 0)
+    states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    assert len(states) == 9  # the nine Dropout layers
+    for variable in states:
+        variable.assign(variable + 7)  # as after some epochs of dropout
+    stopping.wait, stopping.best, stopping.best_epoch = 2, 0.25, 1
+    record.on_epoch_end(2, {"loss": 0.5, "val_loss": 0.375})
+
+    fresh = unet.build_unet()  # the resumed process
+    stopping, record = callbacks(fresh, 3)
+    assert (stopping.wait, stopping.best, stopping.best_epoch) == (2, 0.25, 1)
+    assert record.rows == [{"epoch": 2, "loss": 0.5, "val_loss": 0.375}]
+    restored = [v for v in fresh.variables if v.path.endswith("seed_generator_state")]
+    assert all(np.array_equal(a, b) for a, b in zip(restored, states))
+    # The run never replaced the model: the model's history is not its to write.
+    assert not (tmp_path / "m.history.csv").exists()
