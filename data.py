@@ -716,9 +716,15 @@ def main(argv=None):
                               help="base URL holding the same file names")
     args = parser.parse_args(argv)
     try:
-        download(args.to, args.mirror)
+        with stop_on_signals():
+            download(args.to, args.mirror)
     except InputError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # writing: a full disk, a folder that is not writable
+        sys.exit(f"error: {error.filename or args.to}: {error.strerror or error}; run again to "
+                 "resume")
+    except Stopped as stopped:
+        exit_stopped(stopped, "a partial download is kept and resumed by the next run")
 
 
 if __name__ == "__main__":
