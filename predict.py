@@ -40,10 +40,10 @@ def parse_args(argv):
     parser.add_argument("--out-dir", type=Path, default=config.OUT_DIR,
                         help="where the triptychs, submission.csv, overlays/ and "
                              "contact_sheet.png go")
-    parser.add_argument("--solution", type=Path, default=config.SOLUTION_PATH,
+    parser.add_argument("--solution", type=Path,
                         help="score the submission against this solution CSV "
                              "(ImageId,EncodedPixels,Height,Width[,Usage]); by default the "
-                             "downloaded one, when there is one")
+                             "downloaded one, when there is one and --test-dir is the default")
     parser.add_argument("--threshold", type=probability,
                         help="probability above which a pixel is nucleus; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -58,7 +58,11 @@ def parse_args(argv):
                         help="open the triptychs and the contact sheet in windows")
     parser.add_argument("--no-cache", action="store_true",
                         help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.solution is None and args.test_dir == config.TEST_PATH:
+        # The downloaded solution describes the downloaded test images only.
+        args.solution = config.SOLUTION_PATH
+    return args
 
 
 def run_lengths(labels):

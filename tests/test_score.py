@@ -1,8 +1,11 @@
 """The competition's score, run-length encoding both ways, and solution files."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+import config
 import data
 import predict
 import unet
@@ -139,3 +142,15 @@ def test_image_kinds_by_the_stated_rule():
     purple = np.zeros((20, 20, 3), np.uint8) + np.array([150, 90, 200], np.uint8)
     assert [data.image_kind(i) for i in (dark, bright, purple)] == [
         "fluorescence", "bright-field", "histology"]
+
+
+def test_the_downloaded_solution_is_the_default_only_for_the_downloaded_test_images(
+        tmp_path, monkeypatch):
+    import predict
+
+    solution = tmp_path / "stage1_solution.csv"
+    monkeypatch.setattr(config, "SOLUTION_PATH", solution)
+    assert predict.parse_args([]).solution == solution
+    assert predict.parse_args(["--test-dir", str(tmp_path)]).solution is None
+    assert predict.parse_args(["--test-dir", str(tmp_path), "--solution", "s.csv"]).solution == \
+        Path("s.csv")
