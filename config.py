@@ -51,7 +51,7 @@ THRESHOLD = 0.5
 # The notebook saved nuclei_finder_unet_1.h5; Keras 3 wants the .keras format.
 MODEL_PATH = Path("nuclei_finder_unet_1.keras")
 OUT_DIR = Path("predictions")
-# Resized arrays are cached here, keyed by the names and contents of the files and the settings.
+# Resized arrays are cached here, keyed by the folder's file list, sizes, times and the settings.
 CACHE_DIR = Path.home() / ".cache" / "dsb2018-unet"
 
 # A recipe is data, not a second pipeline: train.py saves the one it used inside the model file
@@ -75,7 +75,6 @@ RECIPES = {
         # Nucleus, its 2-pixel inner contour, and the gaps where two nuclei touch.
         "outputs": 3,
         "loss": "bce_dice",
-        "batch_norm": False,     # batch normalisation after each convolution
         "crop": 256,             # training crops; whole images at prediction, padded to x16
         "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
         "scale_range": [0.5, 2.0],

@@ -26,20 +26,11 @@ THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def conv_block(x, filters, dropout, batch_norm=False):
-    """conv 3x3 -> dropout -> conv 3x3, ELU and He initialisation, as every notebook block; with
-    `batch_norm`, each convolution's output is batch-normalised before the ELU."""
-    for n in range(2):
-        if n:
-            x = layers.Dropout(dropout)(x)
-        if batch_norm:
-            x = layers.Conv2D(filters, 3, use_bias=False, kernel_initializer="he_normal",
-                              padding="same")(x)
-            x = layers.Activation("elu")(layers.BatchNormalization()(x))
-        else:
-            x = layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal",
-                              padding="same")(x)
-    return x
+def conv_block(x, filters, dropout):
+    """conv 3x3 -> dropout -> conv 3x3, ELU and He initialisation, as every notebook block."""
+    x = layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
+    x = layers.Dropout(dropout)(x)
+    return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
 def build_unet(input_shape=None, recipe=None, steps=None):
@@ -56,17 +47,16 @@ def build_unet(input_shape=None, recipe=None, steps=None):
     inputs = keras.Input(input_shape)
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
-    batch_norm = recipe.get("batch_norm", False)
     skips = []
     for filters, dropout in DOWN:
-        x = conv_block(x, filters, dropout, batch_norm)
+        x = conv_block(x, filters, dropout)
         skips.append(x)
         x = layers.MaxPooling2D(2)(x)
-    x = conv_block(x, *BOTTOM, batch_norm)
+    x = conv_block(x, *BOTTOM)
     for (filters, dropout), skip in zip(UP, reversed(skips)):
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
         x = layers.concatenate([x, skip])
-        x = conv_block(x, filters, dropout, batch_norm)
+        x = conv_block(x, filters, dropout)
     # float32 output keeps the loss stable when --mixed-precision computes the rest in 16 bits.
     outputs = layers.Conv2D(recipe["outputs"], 1, activation="sigmoid", dtype="float32")(x)
     model = keras.Model(inputs, outputs)

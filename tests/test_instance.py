@@ -169,24 +169,6 @@ def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_batch_norm_adds_one_normalisation_per_convolution(tmp_path):
-    """18 convolutions of the blocks lose their biases and gain a BatchNormalization each:
-    4 parameters per filter (scale, offset, moving mean and variance) less the bias. It reloads
-    in safe mode with its moving statistics."""
-    import unet
-
-    recipe = {**INSTANCE, "batch_norm": True}
-    model = unet.build_unet(recipe=recipe)
-    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
-    filters = 2 * (16 + 32 + 64 + 128) * 2 + 2 * 256  # two convolutions in each of 9 blocks
-    assert len(norms) == 18
-    assert model.count_params() == 1_940_851 + 3 * filters == 1_945_267
-    path = tmp_path / "bn.keras"
-    unet.save_atomic(model, path, recipe)
-    x = np.random.default_rng(5).random((1, 32, 32, 1)).astype(np.float32)
-    assert np.array_equal(unet.load_unet(path)(x).numpy(), model(x).numpy())
-
-
 def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     for setting, message in [
         ("colour=1", "--set colour=1: no setting 'colour' here"),
