@@ -186,6 +186,20 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings as `warning: <message>` on stderr: the message names the file that is wrong;
+    Python's default adds this project's source line, which tells the user nothing."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    shown, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def exit_stopped(stopped, then):
     """End the process after Stopped with one line, and 128 + the signal's number."""
     name = str(stopped)

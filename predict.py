@@ -333,9 +333,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         # --tune rewrites the model file: not while train.py may be replacing it.
-        with data.stop_on_signals(), (data.FileLock(args.model_path)
-                                      if args.tune and args.model_path.is_file()
-                                      else contextlib.nullcontext()):
+        lock = (data.FileLock(args.model_path) if args.tune and args.model_path.is_file()
+                else contextlib.nullcontext())
+        with data.stop_on_signals(), data.one_line_warnings(), lock:
             predict(args)
     except data.InputError as error:
         sys.exit(f"error: {error}")
@@ -375,10 +375,9 @@ def report_scores(scores, kinds, truths, preds):
 
 
 def predict(args):
-    import unet  # after the cheap checks of parse_args
-
     data.check_output_folder(args.out_dir, "--out-dir")
     solution = read_solution(args.solution) if args.solution else None
+    import unet  # after the cheap checks: TensorFlow takes seconds to import
     model = unet.load_unet(args.model_path)
     recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
     if args.threshold is not None:

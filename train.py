@@ -191,7 +191,7 @@ def plot_history(csv_path, png_path):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with data.stop_on_signals():
+        with data.stop_on_signals(), data.one_line_warnings():
             train(args)
     except data.InputError as error:
         sys.exit(f"error: {error}")
@@ -204,7 +204,7 @@ def main(argv=None):
 
 def check_existing_model(model_path, recipe):
     """The model already at --model-path, loaded, when train.py may continue to improve it:
-    one of ours (its shapes match its recipe), compiled, and of this run's recipe."""
+    one of ours (unet.load_unet's checks) and of this run's recipe."""
     import unet
 
     saved = unet.read_recipe(model_path)
@@ -212,11 +212,7 @@ def check_existing_model(model_path, recipe):
            if key not in config.POST_SETTINGS):
         raise data.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
                               f"{saved['post']}); choose another --model-path or move it")
-    model = unet.load_unet(model_path)
-    if not model.compiled:
-        raise data.InputError(f"{model_path}: saved without its loss and optimizer (not written "
-                              "by train.py); choose another --model-path or move it")
-    return model
+    return unet.load_unet(model_path)
 
 
 def train(args):

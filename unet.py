@@ -205,8 +205,9 @@ def read_recipe(path):
 
 
 def load_unet(path):
-    """A model saved by train.py, loaded in Keras' safe mode and checked against the recipe saved
-    with it; an InputError names what is wrong."""
+    """A model saved by train.py, loaded in Keras' safe mode and checked: its shapes against the
+    recipe saved with it, and compiled (as train.py saves them); an InputError names what is
+    wrong."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a model file")
@@ -243,6 +244,9 @@ def load_unet(path):
     if model.output_shape[-1] != recipe["outputs"]:
         raise InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
                          f"{recipe['outputs']}")
+    if not model.compiled:  # train.py saves compiled models only
+        raise InputError(f"{path}: saved without its loss and optimizer, so not by train.py; "
+                         "retrain or restore it")
     return model
 
 

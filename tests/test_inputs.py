@@ -243,6 +243,16 @@ def test_an_unreadable_file_is_named(dsb_tree, tmp_path, monkeypatch):
         data.load_train(dsb_tree, cache_dir=tmp_path / "cache")
 
 
+def test_the_scripts_print_warnings_in_one_line(dsb_tree, tmp_path):
+    (dsb_tree / "id01" / "masks" / "notes.txt").write_text("not a mask")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train-dir", str(dsb_tree),
+                             "--no-cache", "--model-path", str(tmp_path / "a-file" / "m.keras"),
+                             "--epochs", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert f"warning: {dsb_tree / 'id01' / 'masks' / 'notes.txt'}: not a PNG, skipped\n" in \
+        result.stderr
+    assert "UserWarning" not in result.stderr and "mask_paths(" not in result.stderr
+
+
 def test_a_data_folder_that_is_a_file(tmp_path):
     path = tmp_path / "train.zip"
     path.write_bytes(b"PK")

@@ -715,7 +715,7 @@ def test_train_refuses_a_model_that_is_not_ours_before_loading_data(tmp_path, tr
 def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_images):
     import predict
 
-    _, two = save_foreign_models(tmp_path)
+    uncompiled, two = save_foreign_models(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "val_sample.png").write_bytes(b"an earlier triptych")
@@ -723,6 +723,8 @@ def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_i
     a_file.write_text("")
     base = ["--train-dir", str(tree), "--test-dir", str(tree), "--no-cache"]
     cases = {(two, out): f"error: {two}: the model has 2 outputs, its recipe 1",
+             (uncompiled, out): f"error: {uncompiled}: saved without its loss and optimizer, so "
+                                "not by train.py; retrain or restore it",
              (tmp_path, out): f"error: {tmp_path}: is a folder, not a model file",
              (two, a_file / "out"): f"error: {a_file}: is a file, not a folder (--out-dir)"}
     for (model_path, out_dir), message in cases.items():
