@@ -202,3 +202,17 @@ def test_a_404_and_no_server_stop_in_one_line_naming_the_url(tmp_path, serve, ar
     assert result.returncode == 1
     assert result.stderr == (f"error: {server.url}stage1_test.zip: cannot download "
                              "([Errno 111] Connection refused)\n")
+
+
+def test_a_missing_solution_is_a_warning_the_images_are_enough(tmp_path, serve, archives,
+                                                              capsys):
+    del archives["stage1_solution.csv"]
+    server = serve(archives)
+    to = tmp_path / "data"
+    data.main(["download", "--to", str(to), "--mirror", server.url])  # no SystemExit
+    assert data.list_ids(to / "stage1_train") == ["id00", "id01", "id02"]
+    assert not (to / "stage1_solution.csv").exists()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line]
+    assert [line for line in lines if line.strip()] == [
+        f"warning: {server.url}stage1_solution.csv: HTTP 404 Not Found; the images are in place, "
+        "only the test set's score needs it (run again to fetch it)"]
