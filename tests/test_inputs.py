@@ -229,18 +229,19 @@ def test_an_unreadable_folder_is_named(dsb_tree, monkeypatch):
         data.load_train(dsb_tree)
 
 
-def test_an_unreadable_file_is_named(dsb_tree, tmp_path, monkeypatch):
+def test_an_unreadable_file_is_named(dsb_tree, monkeypatch):
     mask = dsb_tree / "id01" / "masks" / "m1.png"
-    read_bytes = Path.read_bytes
+    open_image = Image.open
 
-    def refuse(path):
-        if path == mask:
+    def refuse(path, *args, **kwargs):  # as chmod 000 does for a non-root user
+        if Path(path) == mask:
             raise PermissionError(13, "Permission denied", str(path))
-        return read_bytes(path)
+        return open_image(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(data.InputError, match=f"^{mask}: not readable \\(Permission denied\\)$"):
-        data.load_train(dsb_tree, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(data.InputError, match=f"^{mask}: not a readable image \\(.*Permission "
+                                              "denied"):
+        data.load_train(dsb_tree)
 
 
 def test_the_scripts_print_warnings_in_one_line(dsb_tree, tmp_path):
