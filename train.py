@@ -197,9 +197,11 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     except data.Stopped as stopped:
         backup = backup_dir(args.model_path)
+        model = (f"the best model so far is safe in {args.model_path}" if args.model_path.exists()
+                 else "no model was saved")
         then = (f"`--resume` continues from the last finished epoch ({backup})" if backup.exists()
                 else "no epoch had finished, so there is nothing to resume")
-        data.exit_stopped(stopped, f"the best model so far is safe in {args.model_path}; {then}")
+        data.exit_stopped(stopped, f"{model}; {then}")
 
 
 def check_existing_model(model_path, recipe):

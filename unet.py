@@ -312,9 +312,9 @@ class RunRecord(keras.callbacks.Callback):
     Every epoch, `run.json` in the backup folder gets the run's history rows, whether the run has
     replaced the model, EarlyStopping's count (so that patience runs on across a resume), and
     the dropout layers' random states after the epoch (Keras does not save them; without them a
-    resumed run draws the masks of the run's first epoch again). The
-    model's history CSV is written only by a run that has replaced the model (a run that never
-    beats it leaves the model's history alone), atomically, with all of that run's epochs."""
+    resumed run draws the masks of the run's first epoch again). The model's history CSV is
+    written only by a run that has replaced the model (a run that never beats it leaves the
+    model's history alone), atomically, with all of that run's epochs."""
 
     def __init__(self, csv_path, backup, checkpoint, early_stopping, initial_epoch=0):
         super().__init__()
@@ -322,19 +322,19 @@ class RunRecord(keras.callbacks.Callback):
         self.early_stopping = early_stopping
         self.run_file = Path(backup) / "run.json"
         self.initial_epoch = initial_epoch
-        self.rows, self.owns_model, self.random_states = [], False, {}
+        self.rows, self.owns_model, self.epoch_states = [], False, {}
         if initial_epoch and self.run_file.exists():
             saved = json.loads(self.run_file.read_text())
             # Rows of epochs whose backup was lost are run again.
             self.rows = [row for row in saved["rows"] if row["epoch"] < initial_epoch]
             self.owns_model = saved["owns_model"]
-            self.random_states = saved["random_states"]
+            self.epoch_states = saved["epoch_states"]
 
     def _random_state_variables(self):
         return [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
 
     def on_train_begin(self, logs=None):
-        states = self.random_states.get(str(self.initial_epoch))
+        states = self.epoch_states.get(str(self.initial_epoch))
         if states is not None:
             *dropout, stopping = states
             for variable, state in zip(self._random_state_variables(), dropout, strict=True):
@@ -346,16 +346,17 @@ class RunRecord(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
         self.owns_model = self.owns_model or self.checkpoint.saved
-        # The states at the start of this epoch and the next: the backup keeps two epochs too.
-        self.random_states = {key: value for key, value in self.random_states.items()
+        # Dropout's and EarlyStopping's states at the start of this epoch and of the next: the
+        # backup keeps two epochs too.
+        self.epoch_states = {key: value for key, value in self.epoch_states.items()
                               if int(key) == epoch}
-        self.random_states[str(epoch + 1)] = [
+        self.epoch_states[str(epoch + 1)] = [
             *(np.asarray(v).tolist() for v in self._random_state_variables()),
             {"wait": int(self.early_stopping.wait),
              "best_epoch": int(self.early_stopping.best_epoch),
              "best": None if self.early_stopping.best is None else float(self.early_stopping.best)}]
         record = {"rows": self.rows, "owns_model": self.owns_model,
-                  "random_states": self.random_states}
+                  "epoch_states": self.epoch_states}
         self.run_file.parent.mkdir(exist_ok=True)
         data.write_atomic(self.run_file, lambda tmp: tmp.write_text(json.dumps(record)))
         if self.owns_model:
