@@ -115,29 +115,6 @@ def test_native_input_inverts_bright_backgrounds_and_scales():
     assert np.allclose(x[0, 0], 0, atol=1e-6)
 
 
-def test_stain_input_takes_the_nuclear_stain_of_histology_only():
-    """A haematoxylin-blue nucleus and an eosin-pink cell body on white: the mean of the
-    channels makes both dark, the stain's optical density the nucleus only."""
-    from skimage.color import hed2rgb
-
-    stains = np.zeros((50, 50, 3))
-    stains[10:40, 10:40, 1] = 1.0   # eosin: the cell body
-    stains[20:30, 20:30, 0] = 1.0   # haematoxylin: its nucleus
-    tissue = (hed2rgb(stains) * 255).round().astype(np.uint8)
-    assert data.image_kind(tissue) == "histology"
-    stain = data.native_input(tissue, {**INSTANCE, "input": "stain_native"})
-    grey = data.native_input(tissue, {**INSTANCE, "input": "grey_native"})
-    assert stain.shape == (50, 50, 1) and stain.dtype == np.float32
-    nucleus, body, background = (25, 25, 0), (15, 15, 0), (2, 2, 0)
-    assert stain[nucleus] == pytest.approx(1.0, abs=0.01)
-    assert stain[body] == pytest.approx(stain[background], abs=0.01)  # eosin left out
-    assert grey[body] > 0.3  # the mean of the channels takes the cell body for stain
-    fluorescence = np.zeros((50, 50, 3), np.uint8)
-    fluorescence[20:30, 20:30] = 200
-    assert np.array_equal(data.native_input(fluorescence, {**INSTANCE, "input": "stain_native"}),
-                          data.native_input(fluorescence, {**INSTANCE, "input": "grey_native"}))
-
-
 @pytest.fixture(scope="module")
 def small_instance_model():
     import keras
@@ -197,8 +174,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ("colour=1", "--set colour=1: no setting 'colour' here"),
         ("augment=maybe", "--set augment=maybe: 'maybe' is not a JSON value"),
         ("crop=true", "--set crop=true: crop takes a int"),
-        ("input=colour", "--set input=colour: input is one of grey_native, rgb_native, "
-                         "stain_native"),
+        ("input=colour", "--set input=colour: input is one of grey_native, rgb_native"),
         ("outputs=1", "--set: the watershed needs the contour and gap outputs (outputs=3)"),
     ]:
         with pytest.raises(SystemExit) as stop:
