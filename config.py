@@ -96,7 +96,7 @@ RECIPES = {
 
 # The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
 RECIPE_CHOICES = {
-    "input": ("grey_native", "rgb_native", "stain_native"),
+    "input": ("grey_native", "rgb_native"),
     "loss": ("bce", "bce_dice"),
     "post": ("components", "watershed"),
     "lr_schedule": ("constant", "cosine"),

@@ -485,28 +485,19 @@ def load_native(folder, ids, with_labels=True):
 
 
 # Channels of the network's input for each kind of recipe input.
-INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3, "stain_native": 1}
+INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3}
 
 
 def native_input(image, recipe):
     """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
     background is bright (bright-field, histology) so that nuclei are bright on dark as in
     fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1. `grey_native`
-    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm);
-    `stain_native` is grey_native except for histology, where it takes the haematoxylin
-    stain's optical density (skimage's colour deconvolution): the nuclear stain alone, the
-    pink cytoplasm that the mean of the channels mixes in left out."""
-    from skimage.color import rgb2hed
-
-    kind = image_kind(image)
-    if recipe["input"] == "stain_native" and kind == "histology":
-        x = rgb2hed(image)[..., :1].astype(np.float32)  # dense where the stain is: no inversion
-    else:
-        x = image.astype(np.float32)
-        if recipe["input"] != "rgb_native":
-            x = x.mean(axis=2, keepdims=True)
-        if kind != "fluorescence":
-            x = 255 - x
+    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
+    x = image.astype(np.float32)
+    if recipe["input"] == "grey_native":
+        x = x.mean(axis=2, keepdims=True)
+    if image_kind(image) != "fluorescence":
+        x = 255 - x
     low, high = np.percentile(x, (1, 99.8))
     return ((x - low) / max(high - low, 1e-3)).astype(np.float32)
 
