@@ -51,7 +51,7 @@ THRESHOLD = 0.5
 # The notebook saved nuclei_finder_unet_1.h5; Keras 3 wants the .keras format.
 MODEL_PATH = Path("nuclei_finder_unet_1.keras")
 OUT_DIR = Path("predictions")
-# Resized arrays are cached here, keyed by the names and contents of the files and the settings.
+# Resized arrays are cached here, keyed by the files' names and stamps and the settings.
 CACHE_DIR = Path.home() / ".cache" / "dsb2018-unet"
 
 # A recipe is data, not a second pipeline: train.py saves the one it used inside the model file

@@ -675,10 +675,13 @@ def extract(archive, folder):
         root = tmp
         if len(entries) == 1 and entries[0].is_dir() and not (entries[0] / "images").is_dir():
             root = entries[0]  # one enclosing folder around the id folders
-        ids = [e.name for e in sorted(root.iterdir()) if e.is_dir() and not e.name.startswith(".")]
-        if not ids or not all((root / id_ / "images" / f"{id_}.png").is_file() for id_ in ids):
+        try:  # the scripts' own reading of a data folder
+            ids = list_ids(root)
+            for id_ in ids:
+                image_path(root, id_)
+        except InputError:
             raise InputError(f"{archive}: not DSB2018 data (expected <id>/images/<id>.png for "
-                             "every folder, at the top level or inside one folder)")
+                             "every folder, at the top level or inside one folder)") from None
         os.replace(root, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -257,7 +257,7 @@ def fit(args, recipe, lock):
 
     import unet
 
-    partial = unet.partial_path(model_path)
+    partial = data.partial_path(model_path)
     if partial.exists():
         print(f"Removing {partial}, left by a run killed while saving")
         partial.unlink()

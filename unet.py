@@ -250,11 +250,6 @@ def load_unet(path):
     return model
 
 
-def partial_path(model_path):
-    """Where a checkpoint is written before it is renamed over the best model."""
-    return data.partial_path(model_path)
-
-
 def _with_recipe(model, recipe):
     def write(tmp):
         model.save(tmp)
@@ -349,7 +344,7 @@ class RunRecord(keras.callbacks.Callback):
         # Dropout's and EarlyStopping's states at the start of this epoch and of the next: the
         # backup keeps two epochs too.
         self.epoch_states = {key: value for key, value in self.epoch_states.items()
-                              if int(key) == epoch}
+                             if int(key) == epoch}
         self.epoch_states[str(epoch + 1)] = [
             *(np.asarray(v).tolist() for v in self._random_state_variables()),
             {"wait": int(self.early_stopping.wait),

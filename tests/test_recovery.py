@@ -234,10 +234,8 @@ def save_bad_model(path):
 # 1. Atomic checkpoints ---------------------------------------------------------------------
 
 def test_save_atomic_writes_beside_and_renames(tmp_path, small_images):
-    import unet
-
     path = tmp_path / "models" / "best.keras"
-    partial = unet.partial_path(path)
+    partial = data.partial_path(path)
     assert partial.parent == path.parent and partial.name.startswith(".")
     assert partial.suffix == ".keras" and partial != path
     first = save_bad_model(path)
@@ -269,10 +267,8 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
 
 def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
         tmp_path, tree, small_images):
-    import unet
-
     model_path = tmp_path / "model" / "unet.keras"
-    partial = unet.partial_path(model_path)
+    partial = data.partial_path(model_path)
     previous = save_bad_model(model_path)
 
     # Killed while writing the first better model.
