@@ -61,6 +61,7 @@ RECIPES = {
         "input": "rgb_128",      # whole images shrunk to IMG_HEIGHT x IMG_WIDTH, RGB, x / 255
         "outputs": 1,            # one sigmoid channel: nucleus
         "loss": "bce",
+        "dropout": True,         # the notebook's rates: 0.1, 0.1, 0.2, 0.2, 0.3 and back up
         "post": "components",    # connected components of the mask resized back to full size
         "threshold": THRESHOLD,
         "batch_size": BATCH_SIZE,
@@ -75,6 +76,7 @@ RECIPES = {
         # Nucleus, its 2-pixel inner contour, and the gaps where two nuclei touch.
         "outputs": 3,
         "loss": "bce_dice",
+        "dropout": True,         # the notebook's dropout in every block
         "crop": 256,             # training crops; whole images at prediction, padded to x16
         "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
         "scale_range": [0.5, 2.0],
@@ -93,6 +95,10 @@ RECIPES = {
         "mixed_precision": True,
     },
 }
+
+# Settings added to the recipes after models were saved with them: the value a model saved
+# without the setting was trained with.
+RECIPE_DEFAULTS = {"dropout": True}
 
 # The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
 RECIPE_CHOICES = {

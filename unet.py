@@ -27,9 +27,11 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def conv_block(x, filters, dropout):
-    """conv 3x3 -> dropout -> conv 3x3, ELU and He initialisation, as every notebook block."""
+    """conv 3x3 -> dropout -> conv 3x3, ELU and He initialisation, as every notebook block;
+    no dropout layer when `dropout` is 0."""
     x = layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
-    x = layers.Dropout(dropout)(x)
+    if dropout:
+        x = layers.Dropout(dropout)(x)
     return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
@@ -47,16 +49,18 @@ def build_unet(input_shape=None, recipe=None, steps=None):
     inputs = keras.Input(input_shape)
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
+    # The notebook's dropout rates, unless the recipe leaves dropout out.
+    rate = 1.0 if recipe["dropout"] else 0.0
     skips = []
     for filters, dropout in DOWN:
-        x = conv_block(x, filters, dropout)
+        x = conv_block(x, filters, dropout * rate)
         skips.append(x)
         x = layers.MaxPooling2D(2)(x)
-    x = conv_block(x, *BOTTOM)
+    x = conv_block(x, BOTTOM[0], BOTTOM[1] * rate)
     for (filters, dropout), skip in zip(UP, reversed(skips)):
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
         x = layers.concatenate([x, skip])
-        x = conv_block(x, filters, dropout)
+        x = conv_block(x, filters, dropout * rate)
     # float32 output keeps the loss stable when --mixed-precision computes the rest in 16 bits.
     outputs = layers.Conv2D(recipe["outputs"], 1, activation="sigmoid", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
@@ -199,7 +203,7 @@ def read_recipe(path):
         with zipfile.ZipFile(path) as archive:
             if RECIPE_MEMBER not in archive.namelist():
                 return dict(config.RECIPES["notebook"])
-            return json.loads(archive.read(RECIPE_MEMBER))
+            return {**config.RECIPE_DEFAULTS, **json.loads(archive.read(RECIPE_MEMBER))}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(f"{path}: damaged model file ({error}); retrain or restore it") from None
 

@@ -166,6 +166,10 @@ def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
     old = tmp_path / "old.keras"
     unet.build_unet().save(old)
     assert unet.read_recipe(old) == config.RECIPES["notebook"]
+    # A recipe saved before `dropout` was a setting: those models were trained with it.
+    earlier = {key: value for key, value in recipe.items() if key != "dropout"}
+    unet.write_recipe(path, earlier)
+    assert unet.read_recipe(path) == {**earlier, "dropout": True}
     keras.mixed_precision.set_global_policy("float32")
 
 

@@ -86,3 +86,18 @@ def test_tensorflow_metric_equals_numpy_metric():
     value = unet.my_iou_metric(tf.constant(y_true), tf.constant(y_pred))
     assert value.shape == () and value.dtype == tf.float32
     assert float(value) == unet.iou_metric_batch(y_true, y_pred)
+
+
+def test_dropout_is_recipe_data_and_holds_no_weights():
+    import config
+
+    def rates(model):
+        return [layer.rate for layer in model.layers if layer.__class__.__name__ == "Dropout"]
+
+    assert rates(unet.build_unet()) == [0.1, 0.1, 0.2, 0.2, 0.3, 0.2, 0.2, 0.1, 0.1]
+    instance = config.RECIPES["instance"]
+    with_dropout = unet.build_unet(recipe={**instance, "dropout": True})
+    without = unet.build_unet(recipe={**instance, "dropout": False})
+    assert rates(with_dropout) == [0.1, 0.1, 0.2, 0.2, 0.3, 0.2, 0.2, 0.1, 0.1]
+    assert rates(without) == []
+    assert with_dropout.count_params() == without.count_params() == 1_940_851
