@@ -39,8 +39,8 @@ def build_unet(input_shape=None, recipe=None, steps=None):
     """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
     The input shape defaults to config's image size, read at call time. Another recipe keeps the
     blocks and changes what is recipe data: the input (any size, its channels, already scaled
-    by data.native_input), the number of outputs, the loss, and the learning rate's schedule
-    over `steps` training steps."""
+    by data.native_input), the number of outputs, whether the blocks keep their dropout, the loss,
+    and the learning rate's schedule over `steps` training steps."""
     recipe = recipe or config.RECIPES["notebook"]
     notebook = recipe["input"] == "rgb_128"
     if input_shape is None:
