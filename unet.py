@@ -49,18 +49,17 @@ def build_unet(input_shape=None, recipe=None, steps=None):
     inputs = keras.Input(input_shape)
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
-    # The notebook's dropout rates, unless the recipe leaves dropout out.
-    rate = 1.0 if recipe["dropout"] else 0.0
+    keep = recipe["dropout"]  # the notebook's dropout rates, or none
     skips = []
     for filters, dropout in DOWN:
-        x = conv_block(x, filters, dropout * rate)
+        x = conv_block(x, filters, dropout if keep else 0)
         skips.append(x)
         x = layers.MaxPooling2D(2)(x)
-    x = conv_block(x, BOTTOM[0], BOTTOM[1] * rate)
+    x = conv_block(x, BOTTOM[0], BOTTOM[1] if keep else 0)
     for (filters, dropout), skip in zip(UP, reversed(skips)):
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
         x = layers.concatenate([x, skip])
-        x = conv_block(x, filters, dropout * rate)
+        x = conv_block(x, filters, dropout if keep else 0)
     # float32 output keeps the loss stable when --mixed-precision computes the rest in 16 bits.
     outputs = layers.Conv2D(recipe["outputs"], 1, activation="sigmoid", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
@@ -327,7 +326,8 @@ class RunRecord(keras.callbacks.Callback):
             # Rows of epochs whose backup was lost are run again.
             self.rows = [row for row in saved["rows"] if row["epoch"] < initial_epoch]
             self.owns_model = saved["owns_model"]
-            self.epoch_states = saved["epoch_states"]
+            # "random_states" is what run.json called them before (same contents).
+            self.epoch_states = saved.get("epoch_states", saved.get("random_states", {}))
 
     def _random_state_variables(self):
         return [v for v in self.model.variables if v.path.endswith("seed_generator_state")]

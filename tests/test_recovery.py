@@ -854,3 +854,10 @@ def test_run_record_carries_early_stopping_and_dropout_state_across_a_resume(tmp
     assert all(np.array_equal(a, b) for a, b in zip(restored, states))
     # The run never replaced the model: the model's history is not its to write.
     assert not (tmp_path / "m.history.csv").exists()
+    # A backup written before run.json's states were renamed resumes the same way.
+    run_file = tmp_path / "m.backup" / "run.json"
+    saved = json.loads(run_file.read_text())
+    saved["random_states"] = saved.pop("epoch_states")
+    run_file.write_text(json.dumps(saved))
+    stopping, record = callbacks(unet.build_unet(), 3)
+    assert (stopping.wait, stopping.best, stopping.best_epoch) == (2, 0.25, 1)
