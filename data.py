@@ -458,6 +458,17 @@ def image_kind(image):
     return "bright-field" if np.median(image) > 127 else "fluorescence"
 
 
+def acquisition(image):
+    """The source an image most likely comes from: (kind, height, width)."""
+    return (image_kind(image), *image.shape[:2])
+
+
+def held_out(image, recipe):
+    """Whether the recipe trains without this image (its acquisition is held out)."""
+    return (recipe.get("holdout") == "acquisitions"
+            and acquisition(image) in config.HELD_OUT_ACQUISITIONS)
+
+
 def read_labels(folder, id_, shape):
     """The id's nuclei at full size as one int32 label image: mask file k (sorted) is label k+1."""
     labels = np.zeros(shape, dtype=np.int32)
@@ -488,17 +499,20 @@ def load_native(folder, ids, with_labels=True):
 INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3}
 
 
-def native_input(image, recipe):
+def native_input(image, recipe, channels=False):
     """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
     background is bright (bright-field, histology) so that nuclei are bright on dark as in
     fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1. `grey_native`
-    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
+    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm).
+    With `channels`, a `grey_native` input comes as its three channels, each scaled as the grey
+    is (their mean is the grey input), for training_crop's stain augmentation to mix."""
     x = image.astype(np.float32)
-    if recipe["input"] == "grey_native":
-        x = x.mean(axis=2, keepdims=True)
     if image_kind(image) != "fluorescence":
         x = 255 - x
-    low, high = np.percentile(x, (1, 99.8))
+    grey = x.mean(axis=2, keepdims=True)
+    if recipe["input"] == "grey_native" and not channels:
+        x = grey
+    low, high = np.percentile(grey if recipe["input"] == "grey_native" else x, (1, 99.8))
     return ((x - low) / max(high - low, 1e-3)).astype(np.float32)
 
 
@@ -532,8 +546,11 @@ def training_crop(x, labels, recipe, rng):
     """One augmented training pair from a full-size input (H, W, C) and its label image: a
     random square window, rescaled to the recipe's crop size (nucleus sizes differ several-fold
     between kinds of image), flipped and turned, brightness and contrast jittered; targets
-    computed after the rescale, so contours stay 2 pixels wide. Returns float32 (S, S, C) and
-    uint8 (S, S, outputs)."""
+    computed after the rescale, so contours stay 2 pixels wide. With `stain_augment` the input
+    is native_input's three channels, mixed into grey with random weights (a stain or a camera
+    that renders nuclei differently); with `intensity_augment`, gamma, blur, noise, a background
+    gradient and a wider contrast range (dim, uneven, out-of-focus acquisitions). Returns
+    float32 (S, S, C) and uint8 (S, S, outputs)."""
     size = recipe["crop"]
     scale = 1.0
     if recipe["augment"]:
@@ -545,6 +562,8 @@ def training_crop(x, labels, recipe, rng):
     left = rng.integers(0, x.shape[1] - window + 1)
     x = x[top:top + window, left:left + window]
     labels = labels[top:top + window, left:left + window]
+    if recipe.get("stain_augment"):
+        x = x @ rng.dirichlet([STAIN_CONCENTRATION] * x.shape[2])[:, None]
     if window != size:
         x = resize(x, (size, size), order=1, mode="reflect", anti_aliasing=False)
         labels = resize(labels, (size, size), order=0, mode="edge", anti_aliasing=False,
@@ -555,8 +574,34 @@ def training_crop(x, labels, recipe, rng):
         x, y = np.rot90(x, turns), np.rot90(y, turns)
         if flip:
             x, y = x[:, ::-1], y[:, ::-1]
-        x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.2, 0.2)
+        if recipe.get("intensity_augment"):
+            x = intensity_jitter(x, rng)
+        else:
+            x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.2, 0.2)
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)
+
+
+# Stain mixing weights come from a Dirichlet distribution with this concentration per channel:
+# 4 keeps them around a third each (the grey input), at times one channel twice the others.
+STAIN_CONCENTRATION = 4.0
+
+
+def intensity_jitter(x, rng):
+    """A scaled input (S, S, C) as another acquisition might show it: gamma 0.5 to 2 (dim or
+    washed-out nuclei), out of focus or noisy a third of the time each, a linear background
+    gradient a third of the time, contrast 0.5 to 1.5 and an offset of up to 0.2."""
+    from scipy import ndimage
+
+    x = np.clip(x, 0, None) ** np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+    if rng.random() < 1 / 3:
+        x = ndimage.gaussian_filter(x, (*[rng.uniform(0.5, 1.5)] * 2, 0))
+    if rng.random() < 1 / 3:
+        x = x + rng.normal(0, rng.uniform(0.01, 0.1), x.shape)
+    if rng.random() < 1 / 3:
+        rows, cols = np.linspace(-0.5, 0.5, x.shape[0]), np.linspace(-0.5, 0.5, x.shape[1])
+        slope = rng.uniform(-0.3, 0.3, 2)
+        x = x + (slope[0] * rows[:, None, None] + slope[1] * cols[None, :, None])
+    return x * rng.uniform(0.5, 1.5) + rng.uniform(-0.2, 0.2)
 
 
 def centre_crop(x, labels, recipe):
@@ -591,6 +636,9 @@ def recipe_with(recipe, settings, allowed=None):
             raise InputError(f"--set {setting}: {key} is one of "
                              f"{', '.join(config.RECIPE_CHOICES[key])}")
         recipe[key] = value
+    if recipe.get("stain_augment") and recipe["input"] != "grey_native":
+        raise InputError("--set stain_augment=true: mixes the colour channels into grey, so it "
+                         "needs input=grey_native")
     if recipe["post"] == "watershed" and recipe["outputs"] < 3:
         raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "
                          f"not outputs={recipe['outputs']}")

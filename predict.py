@@ -216,9 +216,10 @@ TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "seed_threshold": [0.3
              "min_size": [0, 8, 16, 32, 64]}
 
 
-def tune(probs, truths, recipe):
-    """The post-processing settings with the best mean competition score on the validation
-    split: [(score, settings)] best first. min_size is tried last, on each segmentation."""
+def tune(probs, truths, recipe, weights=None):
+    """The post-processing settings with the best mean competition score, weighted per image by
+    `weights` (equal by default): [(score, settings)] best first. min_size is tried last, on each
+    segmentation."""
     import itertools
 
     import unet
@@ -231,8 +232,8 @@ def tune(probs, truths, recipe):
         settings = {**recipe, "threshold": threshold, "seed_threshold": seed_threshold}
         segmented = [segment(p, t.shape, settings) for p, t in zip(probs, truths)]
         for min_size in grid["min_size"]:
-            score = np.mean([unet.competition_score(t, drop_small(s, min_size))
-                             for t, s in zip(truths, segmented)])
+            score = np.average([unet.competition_score(t, drop_small(s, min_size))
+                                for t, s in zip(truths, segmented)], weights=weights)
             chosen = {"threshold": threshold, "seed_threshold": seed_threshold,
                       "min_size": min_size}
             results.append((float(score), {k: v for k, v in chosen.items() if v is not None}))
@@ -374,6 +375,35 @@ def report_scores(scores, kinds, truths, preds):
         print(f"  {kind:<13} {len(chosen):>3} images  {value}")
 
 
+def group_weights(groups):
+    """Per-image weights that make each group count once: 1 / (groups x its images)."""
+    return [1 / (len(set(groups)) * groups.count(group)) for group in groups]
+
+
+def report_held_out(scores, groups):
+    """The competition's score on the held-out acquisitions: over images, and over acquisitions
+    (each counts once, so that a large one cannot hide the failure of a rare one)."""
+    print(f"Competition score, held-out acquisitions (trained without them): "
+          f"{np.mean(scores):.4f} over {len(scores)} images, "
+          f"{np.average(scores, weights=group_weights(groups)):.4f} over "
+          f"{len(set(groups))} acquisitions (each counts once)")
+    for group in sorted(set(groups), key=groups.index):
+        chosen = [score for score, g in zip(scores, groups) if g == group]
+        kind, height, width = group
+        print(f"  {kind:<13} {f'{height}x{width}':>9} {len(chosen):>3} images  "
+              f"{np.mean(chosen):.4f}")
+
+
+def held_out_set(train_dir, train_ids, recipe):
+    """(images, label images, acquisitions) of the training images the recipe held out."""
+    if recipe.get("holdout") != "acquisitions":
+        return [], [], []
+    images, _ = data.load_native(train_dir, train_ids, with_labels=False)
+    chosen = [id_ for id_, image in zip(train_ids, images) if data.held_out(image, recipe)]
+    images, truths = data.load_native(train_dir, chosen)
+    return images, truths, [data.acquisition(image) for image in images]
+
+
 def predict(args):
     data.check_output_folder(args.out_dir, "--out-dir")
     solution = read_solution(args.solution) if args.solution else None
@@ -402,9 +432,16 @@ def predict(args):
     predictor = Predictor(model, recipe)
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
     val_probs = predictor.probabilities(val_images)
+    held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split], recipe)
+    held_probs = predictor.probabilities(held_images)
     if args.tune:
-        results = tune(val_probs, val_truths, recipe)
-        print("\nCompetition score on the validation split by post-processing setting (best 10):")
+        # With held-out acquisitions, the settings must hold up on both: each score counts half.
+        weights = ([0.5 / len(val_probs)] * len(val_probs)
+                   + [0.5 * w for w in group_weights(groups)]) if groups else None
+        results = tune(val_probs + held_probs, val_truths + held_truths, recipe, weights)
+        which = "the validation split and the held-out acquisitions" if groups else \
+            "the validation split"
+        print(f"\nCompetition score on {which} by post-processing setting (best 10):")
         for score, settings in results[:10]:
             print(f"  {score:.4f}  " + "  ".join(f"{k}={v}" for k, v in settings.items()))
         recipe.update(results[0][1])
@@ -429,6 +466,10 @@ def predict(args):
     print(f"\nCompetition score of validation image {ids[split + iv]}:")
     unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
     report_scores(scores, kinds, val_truths, val_preds)
+    if groups:
+        held_scores = [unet.competition_score(t, nuclei_labels(p, t.shape, recipe))
+                       for p, t in zip(held_probs, held_truths)]
+        report_held_out(held_scores, groups)
     if recipe["input"] == "rgb_128":
         X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
         preds = model.predict(X, verbose=0) > recipe["threshold"]

@@ -133,6 +133,17 @@ def crop_dataset(inputs, labels, kinds, recipe, batch_size, seed):
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
+def cpu_has_bfloat16():
+    """Whether the CPU computes bfloat16 natively (x86's AVX-512 BF16 or AMX, Arm's BF16); where
+    the flags cannot be read (not Linux), float32 is the safe guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def load_notebook_data(args):
     """The notebook's arrays; training as a shuffled stream, validation as arrays."""
     X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
@@ -149,21 +160,26 @@ def load_notebook_data(args):
 
 def load_instance_data(args, recipe):
     """Full-size images and their nuclei: random crops for training, each validation image's
-    centre crop for val_loss (the same split as the notebook's)."""
+    centre crop for val_loss (the same split as the notebook's). With the recipe's holdout,
+    the held-out acquisitions' training images are left out."""
     ids = data.list_ids(args.train_dir)
     split = data.split_index(len(ids), args.train_dir)
     images, labels = data.load_native(args.train_dir, ids)
-    inputs = [data.native_input(image, recipe) for image in images]
-    kinds = [data.image_kind(image) for image in images[:split]]
+    train = [n for n in range(split) if not data.held_out(images[n], recipe)]
+    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"] and n < split)
+              for n, image in enumerate(images)]
+    kinds = [data.image_kind(images[n]) for n in train]
     pairs = [data.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
-    print(f"{split} training images (random {recipe['crop']}x{recipe['crop']} crops) and "
-          f"{len(ids) - split} validation images (centre crops), "
-          f"{sum(int(l.max()) for l in labels[:split]):,} training nuclei; kinds of training "
+    held = f", {split - len(train)} held out (--set holdout)" if len(train) < split else ""
+    print(f"{len(train)} training images (random {recipe['crop']}x{recipe['crop']} crops){held} "
+          f"and {len(ids) - split} validation images (centre crops), "
+          f"{sum(int(labels[n].max()) for n in train):,} training nuclei; kinds of training "
           f"image: " + ", ".join(f"{kinds.count(kind)} {kind}" for kind in data.KINDS))
-    return (lambda batch_size: crop_dataset(inputs[:split], labels[:split], kinds, recipe,
+    return (lambda batch_size: crop_dataset([inputs[n] for n in train],
+                                            [labels[n] for n in train], kinds, recipe,
                                             batch_size, args.seed),
-            split, X_val, Y_val)
+            len(train), X_val, Y_val)
 
 
 def plot_history(csv_path, png_path):
@@ -244,9 +260,9 @@ def fit(args, recipe, lock):
                               "or delete the folder to start over")
     existing = check_existing_model(model_path, recipe) if model_path.exists() else None
     if recipe["input"] == "rgb_128":
-        stream, split, X_val, Y_val = load_notebook_data(args)
+        stream, n_train, X_val, Y_val = load_notebook_data(args)
     else:
-        stream, split, X_val, Y_val = load_instance_data(args, recipe)
+        stream, n_train, X_val, Y_val = load_instance_data(args, recipe)
     if lock.handle is None:
         model_path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -264,7 +280,13 @@ def fit(args, recipe, lock):
     keras.utils.set_random_seed(args.seed)
     policy = "float32"
     if args.mixed_precision or recipe["mixed_precision"]:
-        policy = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+        if tf.config.list_logical_devices("GPU"):
+            policy = "mixed_float16"
+        elif cpu_has_bfloat16():
+            policy = "mixed_bfloat16"
+        else:
+            print("Mixed precision: this CPU has no bfloat16 instructions (emulated, a step took "
+                  "40 times longer), so training computes in float32")
     keras.mixed_precision.set_global_policy(policy)
     if args.distribute:
         # All GPUs; on a machine without them, all (logical) CPU devices.
@@ -280,7 +302,7 @@ def fit(args, recipe, lock):
         best = float(existing.evaluate(X_val, Y_val, verbose=0, return_dict=True)["loss"])
         print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
-    steps = math.ceil(split / batch_size)
+    steps = math.ceil(n_train / batch_size)
     with strategy.scope():
         model = unet.build_unet(recipe=recipe, steps=epochs * steps)
     model.summary()
