@@ -28,6 +28,7 @@ import numpy as np
 
 import config
 import data
+import files
 import train
 
 # Matmul size for the compute bound: large enough to run at the machine's peak.
@@ -399,7 +400,7 @@ def main(argv=None):
     others, start = OtherCPU(), time.perf_counter()
     try:
         load = bench_loading(args.train_dir)
-    except data.InputError as error:
+    except files.InputError as error:
         sys.exit(f"error: {error}")
     metric = bench_metric(load["Y"])
     bound = bench_bound()

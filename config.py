@@ -12,7 +12,7 @@ IMG_WIDTH = 128
 IMG_HEIGHT = 128
 IMG_CHANNELS = 3
 
-# `python data.py download` fetches the DSB2018 stage-1 data (CC0, released as BBBC038) from
+# `python download.py` fetches the DSB2018 stage-1 data (CC0, released as BBBC038) from
 # DATA_URL into DATA_DIR; these file names under --mirror URL work as well.
 DATA_URL = "https://data.broadinstitute.org/bbbc/BBBC038/"
 DATA_FILES = ("stage1_train.zip", "stage1_test.zip", "stage1_solution.csv")

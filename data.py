@@ -20,17 +20,9 @@ Two things keep it that way on today's stack and make it fast:
 
 No TensorFlow here, so the data tests and `--help` stay fast.
 """
-import argparse
-import contextlib
 import hashlib
-import http.client
 import json
 import os
-import shutil
-import signal
-import sys
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -43,14 +35,10 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 import config
+from files import InputError
 
 # Bump when the arrays this module produces change, so that old caches are rebuilt.
 LOADER_VERSION = 1
-
-
-class InputError(ValueError):
-    """A data folder, image, mask or model file that cannot be used, or an output that cannot be
-    written; the message names it."""
 
 
 def _entries(folder):
@@ -81,130 +69,6 @@ def list_ids(folder):
     if not ids:
         raise InputError(f"{folder}: no image folders in it (expected <id>/images/<id>.png)")
     return ids
-
-
-def check_output_folder(folder, flag):
-    """Refuse, before any work, a folder that cannot take outputs: a file on its path, or a
-    nearest existing folder that is not writable. Nothing is created here."""
-    folder = Path(folder)
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"{parent}: is a file, not a folder ({flag})")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise InputError(f"{parent}: not writable ({flag})")
-            return
-
-
-def partial_path(path):
-    """Where `path` is written before it is renamed into place: beside it (the same file
-    system), hidden, with the same suffix (Keras wants .keras)."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
-def write_atomic(path, write):
-    """Call write(tmp) on partial_path(path), flush it to disk, then rename it over `path`: a
-    kill, a crash or a full disk at any moment leaves the earlier file whole, never a half file,
-    and the partial file is removed. A failed write is an InputError naming `path`."""
-    path = Path(path)
-    tmp = partial_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: could not be written ({error.strerror or error}); the earlier "
-                         "file, if any, is kept") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":  # the rename itself survives a power cut
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-class FileLock:
-    """An exclusive lock on a file beside `path` while a run writes `path`: a second run refuses
-    at start, and the operating system releases the lock when the process ends, so a killed run
-    never leaves it blocking (the lock file stays, unlocked)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
-        self.handle = None
-
-    def acquire(self):
-        self.handle = open(self.lock_path, "a+")
-        try:
-            if os.name == "nt":
-                import msvcrt
-                msvcrt.locking(self.handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.close()
-            self.handle = None
-            raise InputError(f"{self.path}: in use by another run (locked: {self.lock_path}); "
-                             "wait for it or choose another --model-path") from None
-
-    def release(self):
-        if self.handle is not None:
-            self.handle.close()  # closing releases the lock
-            self.handle = None
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM; the argument is the signal's name."""
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Ctrl-C and SIGTERM raise Stopped, so that a script can end with one line instead of a
-    traceback (or, for SIGTERM, silence); every file is written atomically, so none is half."""
-    def stop(signum, frame):
-        raise Stopped(signal.Signals(signum).name)
-
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def one_line_warnings():
-    """Warnings as `warning: <message>` on stderr: the message names the file that is wrong;
-    Python's default adds this project's source line, which tells the user nothing."""
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=file or sys.stderr)
-
-    shown, warnings.showwarning = warnings.showwarning, show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
-
-
-def exit_stopped(stopped, then):
-    """End the process after Stopped with one line, and 128 + the signal's number."""
-    name = str(stopped)
-    print(f"stopped by {name}: {then}", file=sys.stderr)
-    sys.exit(128 + getattr(signal, name))
 
 
 def _decode(path):
@@ -430,7 +294,7 @@ def sample_note(folder):
     """The line that ends a run on the bundled sample; None for any other folder."""
     if Path(folder).resolve().is_relative_to(config.SAMPLE_DIR):
         return ("This was a smoke test on the bundled sample, too small to learn from; "
-                "fetch the real data with `python data.py download` and run again.")
+                "fetch the real data with `python download.py` and run again.")
     return None
 
 
@@ -643,165 +507,3 @@ def recipe_with(recipe, settings, allowed=None):
         raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "
                          f"not outputs={recipe['outputs']}")
     return recipe
-
-
-# `python data.py download`: the real data, fetched into the layout the scripts read.
-
-# A transfer cut after it started is resumed up to this many times in one run (a run that still
-# fails leaves the partial file, and the next run resumes it); a failed connection stops at once.
-FETCH_ATTEMPTS = 5
-FETCH_TIMEOUT = 60  # seconds without a byte before a connection counts as cut
-CHUNK = 1 << 20
-
-
-def fetch(url, path):
-    """Download `url` to `path` through `<path>.partial`, renamed into place once complete; a cut
-    transfer continues where the partial file ends, with an HTTP Range request."""
-    partial = path.with_name(path.name + ".partial")
-    for _ in range(FETCH_ATTEMPTS):
-        start = partial.stat().st_size if partial.exists() else 0
-        headers = {"Range": f"bytes={start}-"} if start else {}
-        try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                              timeout=FETCH_TIMEOUT)
-        except urllib.error.HTTPError as error:
-            if error.code == 416:  # the partial file is not the start of this file: start over
-                partial.unlink()
-                continue
-            raise InputError(f"{url}: HTTP {error.code} {error.reason}") from None
-        except OSError as error:  # URLError, refused, timed out, no route, unknown host
-            raise InputError(f"{url}: cannot download ({getattr(error, 'reason', error)})") from None
-        with response:
-            if response.status != 206:  # the server ignored the Range: the whole file comes
-                start = 0
-            length = response.headers.get("Content-Length")
-            total = start + int(length) if length is not None else None
-            received = start
-            with open(partial, "ab" if start else "wb") as file, \
-                    tqdm(total=total, initial=start, desc=path.name, unit="B", unit_scale=True,
-                         unit_divisor=1024) as bar:
-                while True:
-                    try:
-                        chunk = response.read(CHUNK)
-                    except (OSError, http.client.HTTPException):
-                        break  # cut: resumed below
-                    if not chunk:
-                        break
-                    file.write(chunk)
-                    bar.update(len(chunk))
-                    received += len(chunk)
-        if total is None or received == total:
-            os.replace(partial, path)
-            return
-        print(f"{url}: transfer cut at {received:,} of {total:,} bytes")
-    raise InputError(f"{url}: transfer cut {FETCH_ATTEMPTS} times; run again to resume from "
-                     f"{partial}")
-
-
-def extract(archive, folder):
-    """Check `archive` (a zip of DSB2018 id folders, at its top level or inside one folder) and
-    extract it as `folder`: into a hidden temporary folder first, renamed once complete and
-    checked, so that a half-extracted folder never looks like data. A damaged archive is
-    removed, so that the next run downloads it afresh."""
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while extracting
-    tmp.mkdir()
-    try:
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise zipfile.BadZipFile(f"bad CRC in {bad}")
-                for member in tqdm(zf.infolist(), desc=f"extracting {archive.name}",
-                                   unit="files"):
-                    zf.extract(member, tmp)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            archive.unlink()
-            raise InputError(f"{archive}: damaged archive ({error}); removed, run again to "
-                             "download it afresh") from None
-        entries = list(tmp.iterdir())
-        root = tmp
-        if len(entries) == 1 and entries[0].is_dir() and not (entries[0] / "images").is_dir():
-            root = entries[0]  # one enclosing folder around the id folders
-        try:  # the scripts' own reading of a data folder
-            ids = list_ids(root)
-            for id_ in ids:
-                image_path(root, id_)
-        except InputError:
-            raise InputError(f"{archive}: not DSB2018 data (expected <id>/images/<id>.png for "
-                             "every folder, at the top level or inside one folder)") from None
-        os.replace(root, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ids
-
-
-def download(to, base_url):
-    """Fetch config.DATA_FILES from `base_url` into `to` and extract the archives; what is
-    already in place is left as it is."""
-    to.mkdir(parents=True, exist_ok=True)
-    fetched = 0
-    for name in config.DATA_FILES:
-        url, path = base_url.rstrip("/") + "/" + name, to / name
-        folder = to / Path(name).stem if name.endswith(".zip") else path
-        if folder.exists():
-            count = f" ({len(list_ids(folder))} images)" if folder.is_dir() else ""
-            print(f"{folder}: in place{count}")
-            continue
-        fetched += 1
-        if not path.exists():
-            try:
-                fetch(url, path)
-            except InputError as error:
-                if name.endswith(".zip"):
-                    raise
-                # The images are what train.py and predict.py need; the solution only scores
-                # the test submission.
-                print(f"warning: {error}; the images are in place, only the test set's score "
-                      "needs it (run again to fetch it)", file=sys.stderr)
-                continue
-        if name.endswith(".zip"):
-            print(f"{folder}: {len(extract(path, folder))} images")
-            continue
-        with open(path, "rb") as file:
-            header = file.readline(200)
-        if not header.startswith(b"ImageId,EncodedPixels"):
-            path.unlink()
-            raise InputError(f"{url}: not a solution CSV (its first line is {header[:60]!r})")
-        print(f"{path}: the stage-1 test solution")
-    if not fetched:
-        print(f"Everything is in place in {to}: nothing to fetch.")
-    if to.resolve() == config.DATA_DIR:
-        print("train.py and predict.py use it by default.")
-    else:
-        print(f"Pass --train-dir {to / 'stage1_train'} --test-dir {to / 'stage1_test'} to the "
-              "scripts.")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Fetch the DSB2018 stage-1 data (BBBC038, CC0): "
-                    + ", ".join(config.DATA_FILES) + "; extract the archives.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch_parser = commands.add_parser("download", help="fetch and extract the data",
-                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fetch_parser.add_argument("--to", type=Path, default=config.DATA_DIR,
-                              help="folder for the archives and the extracted data")
-    fetch_parser.add_argument("--mirror", default=config.DATA_URL, metavar="URL",
-                              help="base URL holding the same file names")
-    args = parser.parse_args(argv)
-    try:
-        with stop_on_signals():
-            download(args.to, args.mirror)
-    except InputError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:  # writing: a full disk, a folder that is not writable
-        sys.exit(f"error: {error.filename or args.to}: {error.strerror or error}; run again to "
-                 "resume")
-    except Stopped as stopped:
-        exit_stopped(stopped, "a partial download is kept and resumed by the next run")
-
-
-if __name__ == "__main__":
-    main()

@@ -19,6 +19,8 @@ import numpy as np
 
 import config
 import data
+import files
+import nuclei
 
 
 def probability(text):
@@ -30,7 +32,7 @@ def probability(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=files.HelpFormatter)
     parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
                         help="model written by train.py (.keras, loaded in safe mode)")
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
@@ -65,195 +67,6 @@ def parse_args(argv):
     return args
 
 
-def run_lengths(labels):
-    """Kaggle's run-length encoding of every object of a label image at once: {label: "start
-    length ..."}, pixels numbered from 1, top to bottom then left to right. Runs continue from
-    the bottom of one column to the top of the next, as in the Kaggle kernel."""
-    flat = np.asarray(labels).T.ravel()
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate([[0], edges])
-    lengths = np.diff(np.concatenate([starts, [flat.size]]))
-    values = flat[starts]
-    runs = {}
-    for value, start, length in zip(values, starts, lengths):
-        if value:
-            runs.setdefault(int(value), []).append(f"{start + 1} {length}")
-    return {value: " ".join(parts) for value, parts in sorted(runs.items())}
-
-
-def rle_encoding(mask):
-    """Kaggle's run-length encoding of one 2-D mask ("" when empty)."""
-    return run_lengths(np.asarray(mask, dtype=np.uint8)).get(1, "")
-
-
-def rle_decode(encoded, shape, where="run-length"):
-    """The bool (height, width) mask of a run-length string; an InputError names `where` when
-    the runs do not fit the image."""
-    try:
-        numbers = np.array(encoded.split(), dtype=np.int64)
-    except ValueError:
-        raise data.InputError(f"{where}: run values are not integers") from None
-    if len(numbers) % 2:
-        raise data.InputError(f"{where}: odd number of run values ({len(numbers)})")
-    starts, lengths = numbers[::2] - 1, numbers[1::2]
-    size = shape[0] * shape[1]
-    if len(numbers) and (starts.min() < 0 or lengths.min() < 1):
-        raise data.InputError(f"{where}: runs start at pixel 1 and have a length of at least 1")
-    if len(numbers) and (starts + lengths).max() > size:
-        raise data.InputError(f"{where}: a run ends at pixel {(starts + lengths).max()}, past "
-                              f"the image's {shape[0]}x{shape[1]} = {size} pixels")
-    flat = np.zeros(size, dtype=bool)
-    for start, length in zip(starts, lengths):
-        flat[start:start + length] = True
-    return flat.reshape(shape[1], shape[0]).T
-
-
-def read_solution(path):
-    """A solution CSV in the competition's format as {ImageId: int32 label image}, one label per
-    row with pixels (rows with Usage 'Ignored' left out); an InputError names the file and row."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path, keep_default_na=False, dtype=str)
-    except FileNotFoundError:
-        raise data.InputError(f"{path}: no such solution file") from None
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise data.InputError(f"{path}: not a readable CSV ({error})") from None
-    for column in ("ImageId", "EncodedPixels", "Height", "Width"):
-        if column not in table.columns:
-            raise data.InputError(f"{path}: no {column} column (has {', '.join(table.columns)})")
-    truth = {}
-    for row, record in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
-        where = f"{path} row {row}"
-        try:
-            shape = int(record.Height), int(record.Width)
-        except ValueError:
-            raise data.InputError(f"{where}: Height and Width must be integers") from None
-        if min(shape) < 1:
-            raise data.InputError(f"{where}: Height and Width must be at least 1")
-        labels = truth.setdefault(record.ImageId, np.zeros(shape, dtype=np.int32))
-        if labels.shape != shape:
-            raise data.InputError(f"{where}: {record.ImageId} is {shape[0]}x{shape[1]} here "
-                                  f"but {labels.shape[0]}x{labels.shape[1]} in an earlier row")
-        if getattr(record, "Usage", "") == "Ignored" or not record.EncodedPixels.strip():
-            continue
-        labels[rle_decode(record.EncodedPixels, shape, where)] = labels.max() + 1
-    if not truth:
-        raise data.InputError(f"{path}: no rows")
-    return truth
-
-
-def labels_from_rows(rows, shapes):
-    """{ImageId: label image} of submission rows: each row one object, numbered in row order."""
-    labels = {id_: np.zeros(shape, dtype=np.int32) for id_, shape in shapes.items()}
-    for id_, encoded in rows:
-        if encoded:
-            image = labels[id_]
-            image[rle_decode(encoded, image.shape)] = image.max() + 1
-    return labels
-
-
-def predict_full(model, x, tta):
-    """A full-size probability map (H, W, outputs) of one input (H, W, C): reflect-padded to a
-    multiple of 16 (the four 2x2 poolings), cropped back; with `tta` the mean over the four
-    flips, each undone."""
-    height, width = x.shape[:2]
-    padded = data.pad_to(x, -(-height // 16) * 16, -(-width // 16) * 16)
-    flips = [(), (0,), (1,), (0, 1)] if tta else [()]
-    total = 0
-    for axes in flips:
-        flipped = np.flip(padded, axis=axes) if axes else padded
-        out = model(flipped[None], training=False)[0].numpy()
-        total = total + (np.flip(out, axis=axes) if axes else out)
-    return (total / len(flips))[:height, :width]
-
-
-def nuclei_labels(prob, shape, recipe):
-    """The nuclei of one image as an int32 label image of its original `shape`, from the
-    network's probabilities, by the recipe's post-processing; the submission writes exactly
-    these objects.
-    - components (the Kaggle kernel's): the nucleus channel resized back, thresholded, its
-      8-connected components;
-    - watershed: holes in the nucleus mask filled (nuclei have none; large textured ones come
-      out ring-like), seeds are nucleus pixels away from contours and gaps, flooded over the
-      mask with the contour and gap probabilities as the relief, so touching nuclei meet at
-      the line between them; a piece of mask no seed reached is a nucleus of its own.
-    Then objects under min_size pixels (when the recipe has one) are dropped."""
-    return drop_small(segment(prob, shape, recipe), recipe.get("min_size", 0))
-
-
-def segment(prob, shape, recipe):
-    from scipy import ndimage
-    from skimage.measure import label
-    from skimage.segmentation import watershed
-
-    nucleus = prob[..., 0]
-    if nucleus.shape != tuple(shape):
-        nucleus = data.resize_2018(nucleus, shape)
-    mask = nucleus > recipe["threshold"]
-    if recipe["post"] == "components":
-        return label(mask).astype(np.int32)
-    mask = ndimage.binary_fill_holes(mask)
-    contour, gap = prob[..., 1], prob[..., 2]
-    seeds, _ = ndimage.label(mask & (contour < recipe["seed_threshold"]) &
-                             (gap < recipe["seed_threshold"]))
-    labels = watershed(contour + gap, seeds, mask=mask)
-    orphans, _ = ndimage.label(mask & (labels == 0))
-    return np.where(orphans > 0, orphans + labels.max(), labels).astype(np.int32)
-
-
-def drop_small(labels, min_size):
-    """`labels` without objects under min_size pixels, renumbered 1..n."""
-    from skimage.segmentation import relabel_sequential
-
-    if min_size > 1:
-        labels = np.where(np.bincount(labels.ravel())[labels] < min_size, 0, labels)
-    return relabel_sequential(labels)[0].astype(np.int32)
-
-
-# What --tune tries on the validation split (every combination).
-TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "seed_threshold": [0.3, 0.5, 0.7],
-             "min_size": [0, 8, 16, 32, 64]}
-
-
-def tune(probs, truths, recipe, weights=None):
-    """The post-processing settings with the best mean competition score, weighted per image by
-    `weights` (equal by default): [(score, settings)] best first. min_size is tried last, on each
-    segmentation."""
-    import itertools
-
-    import unet
-
-    grid = dict(TUNE_GRID)
-    if recipe["post"] == "components":
-        grid["seed_threshold"] = [recipe.get("seed_threshold")]
-    results = []
-    for threshold, seed_threshold in itertools.product(grid["threshold"], grid["seed_threshold"]):
-        settings = {**recipe, "threshold": threshold, "seed_threshold": seed_threshold}
-        segmented = [segment(p, t.shape, settings) for p, t in zip(probs, truths)]
-        for min_size in grid["min_size"]:
-            score = np.average([unet.competition_score(t, drop_small(s, min_size))
-                                for t, s in zip(truths, segmented)], weights=weights)
-            chosen = {"threshold": threshold, "seed_threshold": seed_threshold,
-                      "min_size": min_size}
-            results.append((float(score), {k: v for k, v in chosen.items() if v is not None}))
-    return sorted(results, key=lambda result: -result[0])
-
-
-def submission_rows(label_images, ids):
-    """(ImageId, EncodedPixels) rows: one per nucleus; an image with none gets one empty row."""
-    rows = []
-    for labels, id_ in zip(label_images, ids):
-        encoded = run_lengths(labels)
-        # Each pixel belongs to at most one object: the competition refused overlaps.
-        assert sum(int(n) for runs in encoded.values() for n in runs.split()[1::2]) == \
-            np.count_nonzero(labels), f"{id_}: overlapping objects"
-        rows.extend((id_, runs) for runs in encoded.values())
-        if not encoded:
-            rows.append((id_, ""))
-    return rows
-
-
 def save_triptych(plt, image, truth, prediction, title, path):
     """Image / Mask / Prediction side by side, the nuclei of both label images in colours (one
     per nucleus), so that merged and split nuclei show."""
@@ -267,7 +80,7 @@ def save_triptych(plt, image, truth, prediction, title, path):
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    data.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    files.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     print(f"Wrote {path}")
 
 
@@ -321,11 +134,11 @@ def save_pictures(images, label_images, ids, out_dir):
             old.unlink()
     for image, labels, id_ in zip(images, label_images, ids):
         picture = Image.fromarray(overlay(image, labels))
-        data.write_atomic(folder / f"{id_}.png", lambda tmp: picture.save(tmp, format="PNG"))
+        files.write_atomic(folder / f"{id_}.png", lambda tmp: picture.save(tmp, format="PNG"))
     print(f"Wrote {folder}: {len(ids)} test images with their predicted nuclei outlined")
     sheet = contact_sheet(images, label_images, ids)
     path = out_dir / "contact_sheet.png"
-    data.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    files.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
     print(f"Wrote {path}")
     return sheet
 
@@ -334,34 +147,15 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         # --tune rewrites the model file: not while train.py may be replacing it.
-        lock = (data.FileLock(args.model_path) if args.tune and args.model_path.is_file()
+        lock = (files.FileLock(args.model_path) if args.tune and args.model_path.is_file()
                 else contextlib.nullcontext())
-        with data.stop_on_signals(), data.one_line_warnings(), lock:
+        with files.stop_on_signals(), files.one_line_warnings(), lock:
             predict(args)
-    except data.InputError as error:
+    except files.InputError as error:
         sys.exit(f"error: {error}")
-    except data.Stopped as stopped:
-        data.exit_stopped(stopped, "every file written so far is whole, the others are as they "
+    except files.Stopped as stopped:
+        files.exit_stopped(stopped, "every file written so far is whole, the others are as they "
                                    "were")
-
-
-class Predictor:
-    """The model and its recipe: probabilities of full-size images and their nuclei."""
-
-    def __init__(self, model, recipe):
-        self.model, self.recipe = model, recipe
-
-    def probabilities(self, images):
-        if self.recipe["input"] == "rgb_128":
-            size = (config.IMG_HEIGHT, config.IMG_WIDTH)
-            X = np.stack([data.shrink_image(image, size) for image in images])
-            return list(self.model.predict(X, verbose=0))
-        return [predict_full(self.model, data.native_input(image, self.recipe), self.recipe["tta"])
-                for image in images]
-
-    def nuclei(self, images):
-        return [nuclei_labels(prob, image.shape[:2], self.recipe)
-                for prob, image in zip(self.probabilities(images), images)]
 
 
 def report_scores(scores, kinds, truths, preds):
@@ -405,8 +199,8 @@ def held_out_set(train_dir, train_ids, recipe):
 
 
 def predict(args):
-    data.check_output_folder(args.out_dir, "--out-dir")
-    solution = read_solution(args.solution) if args.solution else None
+    files.check_output_folder(args.out_dir, "--out-dir")
+    solution = nuclei.read_solution(args.solution) if args.solution else None
     import unet  # after the cheap checks: TensorFlow takes seconds to import
     model = unet.load_unet(args.model_path)
     recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
@@ -429,16 +223,16 @@ def predict(args):
               f"{plt.get_backend()}); writing the pictures only")
         args.show = False
 
-    predictor = Predictor(model, recipe)
+    predictor = nuclei.Predictor(model, recipe)
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
     val_probs = predictor.probabilities(val_images)
     held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split], recipe)
-    held_probs = predictor.probabilities(held_images)
+    held_probs = predictor.probabilities(held_images) if groups else []
     if args.tune:
         # With held-out acquisitions, the settings must hold up on both: each score counts half.
         weights = ([0.5 / len(val_probs)] * len(val_probs)
                    + [0.5 * w for w in group_weights(groups)]) if groups else None
-        results = tune(val_probs + held_probs, val_truths + held_truths, recipe, weights)
+        results = nuclei.tune(val_probs + held_probs, val_truths + held_truths, recipe, weights)
         which = "the validation split and the held-out acquisitions" if groups else \
             "the validation split"
         print(f"\nCompetition score on {which} by post-processing setting (best 10):")
@@ -448,7 +242,7 @@ def predict(args):
         unet.write_recipe(args.model_path, recipe)
         print(f"Saved the best in {args.model_path}'s recipe: " +
               ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
-    val_preds = [nuclei_labels(prob, truth.shape, recipe)
+    val_preds = [nuclei.nuclei_labels(prob, truth.shape, recipe)
                  for prob, truth in zip(val_probs, val_truths)]
     scores = [unet.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
     kinds = [data.image_kind(image) for image in val_images]
@@ -467,7 +261,7 @@ def predict(args):
     unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
     report_scores(scores, kinds, val_truths, val_preds)
     if groups:
-        held_scores = [unet.competition_score(t, nuclei_labels(p, t.shape, recipe))
+        held_scores = [unet.competition_score(t, nuclei.nuclei_labels(p, t.shape, recipe))
                        for p, t in zip(held_probs, held_truths)]
         report_held_out(held_scores, groups)
     if recipe["input"] == "rgb_128":
@@ -482,15 +276,15 @@ def predict(args):
 
     test_images, _ = data.load_native(args.test_dir, test_ids, with_labels=False)
     test_preds = predictor.nuclei(test_images)
-    rows = submission_rows(test_preds, test_ids)
+    rows = nuclei.submission_rows(test_preds, test_ids)
     submission = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     csv_path = args.out_dir / "submission.csv"
-    data.write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
+    files.write_atomic(csv_path, lambda tmp: submission.to_csv(tmp, index=False))
     print(f"Wrote {csv_path}: {sum(1 for _, runs in rows if runs)} nuclei in {len(test_ids)} "
           f"test images")
     if solution is not None:
         shapes = {id_: labels.shape for id_, labels in solution.items()}
-        submitted = labels_from_rows([row for row in rows if row[0] in shapes], shapes)
+        submitted = nuclei.labels_from_rows([row for row in rows if row[0] in shapes], shapes)
         test_scores = [unet.competition_score(solution[id_], submitted[id_]) for id_ in solution]
         print(f"Competition score of {csv_path} against {args.solution}: "
               f"{np.mean(test_scores):.4f} ({len(solution)} images, "

@@ -1,6 +1,6 @@
 """Train the notebook's U-Net on a DSB2018 folder and keep the best model by val_loss.
 
-python train.py                    # data/stage1_train (python data.py download), else the sample
+python train.py                    # data/stage1_train (python download.py), else the sample
 python train.py --recipe instance
 python train.py --train-dir ../shared/data/dsb2018/stage1_train
 """
@@ -15,6 +15,7 @@ import numpy as np
 
 import config
 import data
+import files
 
 
 def positive_int(text):
@@ -33,7 +34,7 @@ def seed_value(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=files.HelpFormatter)
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
                         help="DSB2018 folder of <id>/images and <id>/masks")
     parser.add_argument("--recipe", choices=sorted(config.RECIPES), default="notebook",
@@ -87,7 +88,7 @@ def repair_backup(backup):
         pass
     previous = [backup / "latest.weights.h5.bkp", backup / "training_metadata.json.bkp"]
     if not all(path.exists() for path in previous):
-        raise data.InputError(f"{metadata}: damaged and no previous copy; delete {backup} "
+        raise files.InputError(f"{metadata}: damaged and no previous copy; delete {backup} "
                               "to start over")
     print(f"{backup}'s last epoch is damaged: resuming from the previous epoch's backup")
     os.replace(previous[0], backup / "latest.weights.h5")
@@ -133,11 +134,11 @@ def crop_dataset(inputs, labels, kinds, recipe, batch_size, seed):
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def cpu_has_bfloat16():
+def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU computes bfloat16 natively (x86's AVX-512 BF16 or AMX, Arm's BF16); where
     the flags cannot be read (not Linux), float32 is the safe guess."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = set(f.read().split())
     except OSError:
         return False
@@ -200,24 +201,24 @@ def plot_history(csv_path, png_path):
         ax.set_title(name)
         ax.legend()
     fig.tight_layout()
-    data.write_atomic(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    files.write_atomic(png_path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with data.stop_on_signals(), data.one_line_warnings():
+        with files.stop_on_signals(), files.one_line_warnings():
             train(args)
-    except data.InputError as error:
+    except files.InputError as error:
         sys.exit(f"error: {error}")
-    except data.Stopped as stopped:
+    except files.Stopped as stopped:
         backup = backup_dir(args.model_path)
         model = (f"the best model so far is safe in {args.model_path}" if args.model_path.exists()
                  else "no model was saved")
         then = (f"`--resume` continues from the last finished epoch ({backup})" if backup.exists()
                 else "no epoch had finished, so there is nothing to resume")
-        data.exit_stopped(stopped, f"{model}; {then}")
+        files.exit_stopped(stopped, f"{model}; {then}")
 
 
 def check_existing_model(model_path, recipe):
@@ -228,7 +229,7 @@ def check_existing_model(model_path, recipe):
     saved = unet.read_recipe(model_path)
     if any(saved.get(key) != value for key, value in recipe.items()
            if key not in config.POST_SETTINGS):
-        raise data.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
+        raise files.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
                               f"{saved['post']}); choose another --model-path or move it")
     return unet.load_unet(model_path)
 
@@ -237,11 +238,11 @@ def train(args):
     recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
     model_path = args.model_path
     if model_path.suffix != ".keras":
-        raise data.InputError(f"{model_path}: the model path must end in .keras")
+        raise files.InputError(f"{model_path}: the model path must end in .keras")
     if model_path.is_dir():
-        raise data.InputError(f"{model_path}: is a folder, not a model file")
-    data.check_output_folder(model_path.parent, "--model-path")
-    lock = data.FileLock(model_path)
+        raise files.InputError(f"{model_path}: is a folder, not a model file")
+    files.check_output_folder(model_path.parent, "--model-path")
+    lock = files.FileLock(model_path)
     if model_path.parent.is_dir():  # else it is made, and locked, once the data is read
         lock.acquire()
     try:
@@ -256,7 +257,7 @@ def fit(args, recipe, lock):
     batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
     backup = backup_dir(model_path)
     if backup.exists() and not args.resume:
-        raise data.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
+        raise files.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
                               "or delete the folder to start over")
     existing = check_existing_model(model_path, recipe) if model_path.exists() else None
     if recipe["input"] == "rgb_128":
@@ -273,7 +274,7 @@ def fit(args, recipe, lock):
 
     import unet
 
-    partial = data.partial_path(model_path)
+    partial = files.partial_path(model_path)
     if partial.exists():
         print(f"Removing {partial}, left by a run killed while saving")
         partial.unlink()

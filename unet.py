@@ -11,8 +11,8 @@ from keras import layers
 from scipy import ndimage
 
 import config
-import data
-from data import INPUT_CHANNELS, InputError
+import files
+from data import INPUT_CHANNELS
 
 # (filters, dropout) of the contracting blocks c1..c4 and of the bottom block c5.
 DOWN = [(16, 0.1), (32, 0.1), (64, 0.2), (128, 0.2)]
@@ -204,22 +204,22 @@ def read_recipe(path):
                 return dict(config.RECIPES["notebook"])
             return {**config.RECIPE_DEFAULTS, **json.loads(archive.read(RECIPE_MEMBER))}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path}: damaged model file ({error}); retrain or restore it") from None
+        raise files.InputError(f"{path}: damaged model file ({error}); retrain or restore it") from None
 
 
 def load_unet(path):
     """A model saved by train.py, loaded in Keras' safe mode and checked: its shapes against the
-    recipe saved with it, and compiled (as train.py saves them); an InputError names what is
+    recipe saved with it, and compiled (as train.py saves them); an files.InputError names what is
     wrong."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a model file")
+        raise files.InputError(f"{path}: is a folder, not a model file")
     if path.suffix != ".keras":
-        raise InputError(f"{path}: only .keras model files are loaded (not {path.suffix or 'no suffix'})")
+        raise files.InputError(f"{path}: only .keras model files are loaded (not {path.suffix or 'no suffix'})")
     if not path.is_file():
-        raise InputError(f"{path}: no model file; train first with `python train.py --model-path {path}`")
+        raise files.InputError(f"{path}: no model file; train first with `python train.py --model-path {path}`")
     if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: damaged model file (not a .keras archive); retrain or restore it")
+        raise files.InputError(f"{path}: damaged model file (not a .keras archive); retrain or restore it")
     try:
         model = keras.saving.load_model(
             path, custom_objects={"my_iou_metric": my_iou_metric, "bce_dice": bce_dice},
@@ -227,28 +227,28 @@ def load_unet(path):
     except Exception as error:  # Keras raises many types for a bad archive; name the file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):
-            raise InputError(f"{path}: cannot load the model: it holds a Lambda layer "
+            raise files.InputError(f"{path}: cannot load the model: it holds a Lambda layer "
                              "(arbitrary code), refused in safe mode") from None
         # A readable archive whose config or weights are not (e.g. a member cut short).
-        raise InputError(f"{path}: damaged or incompatible model file ({message}); "
+        raise files.InputError(f"{path}: damaged or incompatible model file ({message}); "
                          "retrain or restore it") from None
     recipe = read_recipe(path)
     if recipe["input"] == "rgb_128":
         expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
         if tuple(model.input_shape[1:]) != expected:
-            raise InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
+            raise files.InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
                              f"config.py's size is {expected}")
     elif model.input_shape[-1] != INPUT_CHANNELS[recipe["input"]]:
-        raise InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
+        raise files.InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
                          f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
     if recipe["input"] == "rgb_128" and model.output_shape[1:3] != model.input_shape[1:3]:
-        raise InputError(f"{path}: the model's output is {model.output_shape[1:3]}, its input "
+        raise files.InputError(f"{path}: the model's output is {model.output_shape[1:3]}, its input "
                          f"{model.input_shape[1:3]}: not a U-Net of this project")
     if model.output_shape[-1] != recipe["outputs"]:
-        raise InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
+        raise files.InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
                          f"{recipe['outputs']}")
     if not model.compiled:  # train.py saves compiled models only
-        raise InputError(f"{path}: saved without its loss and optimizer, so not by train.py; "
+        raise files.InputError(f"{path}: saved without its loss and optimizer, so not by train.py; "
                          "retrain or restore it")
     return model
 
@@ -266,7 +266,7 @@ def save_atomic(model, path, recipe=None):
     moment leaves either the old file or the new one, never a truncated one (ModelCheckpoint
     truncates the old best file before writing the new one). The recipe goes into the same
     archive, so that a model never travels without it."""
-    data.write_atomic(path, _with_recipe(model, recipe or config.RECIPES["notebook"]))
+    files.write_atomic(path, _with_recipe(model, recipe or config.RECIPES["notebook"]))
 
 
 def write_recipe(path, recipe):
@@ -277,7 +277,7 @@ def write_recipe(path, recipe):
                 if item.filename != RECIPE_MEMBER:
                     target.writestr(item, source.read(item))
             target.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
-    data.write_atomic(path, write)
+    files.write_atomic(path, write)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -357,9 +357,9 @@ class RunRecord(keras.callbacks.Callback):
         record = {"rows": self.rows, "owns_model": self.owns_model,
                   "epoch_states": self.epoch_states}
         self.run_file.parent.mkdir(exist_ok=True)
-        data.write_atomic(self.run_file, lambda tmp: tmp.write_text(json.dumps(record)))
+        files.write_atomic(self.run_file, lambda tmp: tmp.write_text(json.dumps(record)))
         if self.owns_model:
-            data.write_atomic(self.csv_path, self._write_csv)
+            files.write_atomic(self.csv_path, self._write_csv)
 
     def _write_csv(self, tmp):
         import csv

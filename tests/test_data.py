@@ -3,6 +3,7 @@ import pytest
 
 import config
 import data
+import files
 from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc, write_png
 from tests.reference import load_train_notebook
 
@@ -85,14 +86,14 @@ def test_data_defaults_follow_the_downloaded_folders(tmp_path):
 def test_only_runs_on_the_sample_are_called_a_smoke_test(tmp_path):
     assert data.sample_note(SAMPLE_TRAIN) == (
         "This was a smoke test on the bundled sample, too small to learn from; fetch the real "
-        "data with `python data.py download` and run again.")
+        "data with `python download.py` and run again.")
     assert data.sample_note(tmp_path / "stage1_train") is None
 
 
 def test_split_index_matches_keras_validation_split(tmp_path):
     assert data.split_index(664, tmp_path) == 597
     assert data.split_index(27, tmp_path) == 24
-    with pytest.raises(data.InputError, match="cannot be split"):
+    with pytest.raises(files.InputError, match="cannot be split"):
         data.split_index(1, tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""`python data.py download` against a local HTTP server that the test starts, serving small
+"""`python download.py` against a local HTTP server that the test starts, serving small
 zips that the test builds: a full fetch, a transfer cut mid-file then resumed, a damaged zip, a
 404 and no server at all."""
 import http.server
@@ -10,6 +10,7 @@ import zipfile
 import pytest
 
 import data
+import download
 from tests.conftest import ROOT, make_dsb_tree
 
 SOLUTION = b"ImageId,EncodedPixels,Height,Width,Usage\nt00,1 3,64,80,Public\n"
@@ -91,7 +92,7 @@ def test_full_fetch_extracts_the_layout_and_a_second_run_fetches_nothing(tmp_pat
                                                                          archives, capsys):
     server = serve(archives)
     to = tmp_path / "data"
-    data.main(["download", "--to", str(to), "--mirror", server.url])
+    download.main(["--to", str(to), "--mirror", server.url])
     assert server.requests == [("stage1_train.zip", None), ("stage1_test.zip", None),
                                ("stage1_solution.csv", None)]
     assert sorted(p.name for p in to.iterdir()) == [
@@ -108,7 +109,7 @@ def test_full_fetch_extracts_the_layout_and_a_second_run_fetches_nothing(tmp_pat
     out = capsys.readouterr().out
     assert f"{to / 'stage1_train'}: 3 images" in out and f"{to / 'stage1_test'}: 2 images" in out
 
-    data.main(["download", "--to", str(to), "--mirror", server.url])
+    download.main(["--to", str(to), "--mirror", server.url])
     assert len(server.requests) == 3
     assert capsys.readouterr().out.splitlines() == [
         f"{to / 'stage1_train'}: in place (3 images)",
@@ -122,7 +123,7 @@ def test_a_cut_transfer_resumes_with_a_range_request(tmp_path, serve, archives):
     size = len(archives["stage1_train.zip"])
     server = serve(archives, cut=["stage1_train.zip"])
     to = tmp_path / "data"
-    data.main(["download", "--to", str(to), "--mirror", server.url])
+    download.main(["--to", str(to), "--mirror", server.url])
     assert server.requests[:2] == [("stage1_train.zip", None),
                                    ("stage1_train.zip", f"bytes={size // 2}-")]
     assert (to / "stage1_train.zip").read_bytes() == archives["stage1_train.zip"]
@@ -131,18 +132,18 @@ def test_a_cut_transfer_resumes_with_a_range_request(tmp_path, serve, archives):
 
 def test_a_run_that_gives_up_leaves_the_partial_file_and_the_next_run_resumes(
         tmp_path, serve, archives, monkeypatch):
-    monkeypatch.setattr(data, "FETCH_ATTEMPTS", 1)
+    monkeypatch.setattr(download, "FETCH_ATTEMPTS", 1)
     size = len(archives["stage1_test.zip"])
     server = serve(archives, cut=["stage1_test.zip"])
     to = tmp_path / "data"
     partial = to / "stage1_test.zip.partial"
     with pytest.raises(SystemExit) as stop:
-        data.main(["download", "--to", str(to), "--mirror", server.url])
+        download.main(["--to", str(to), "--mirror", server.url])
     assert str(stop.value) == (f"error: {server.url}stage1_test.zip: transfer cut 1 times; run "
                                f"again to resume from {partial}")
     assert partial.read_bytes() == archives["stage1_test.zip"][:size // 2]
     assert not (to / "stage1_test").exists()
-    data.main(["download", "--to", str(to), "--mirror", server.url])
+    download.main(["--to", str(to), "--mirror", server.url])
     assert server.requests[-2] == ("stage1_test.zip", f"bytes={size // 2}-")
     assert (to / "stage1_test.zip").read_bytes() == archives["stage1_test.zip"]
     assert not partial.exists() and data.list_ids(to / "stage1_test") == ["id00", "id01"]
@@ -156,7 +157,7 @@ def test_a_damaged_archive_stops_in_one_line_and_leaves_no_folder(tmp_path, serv
     server = serve({**archives, "stage1_train.zip": bytes(body)})
     to = tmp_path / "data"
     with pytest.raises(SystemExit) as stop:
-        data.main(["download", "--to", str(to), "--mirror", server.url])
+        download.main(["--to", str(to), "--mirror", server.url])
     archive = to / "stage1_train.zip"
     assert str(stop.value) == (f"error: {archive}: damaged archive (bad CRC in "
                                f"id00/images/id00.png); removed, run again to download it afresh")
@@ -164,7 +165,7 @@ def test_a_damaged_archive_stops_in_one_line_and_leaves_no_folder(tmp_path, serv
 
     server.files["stage1_train.zip"] = b"<html>Not here</html>"
     with pytest.raises(SystemExit) as stop:
-        data.main(["download", "--to", str(to), "--mirror", server.url])
+        download.main(["--to", str(to), "--mirror", server.url])
     assert str(stop.value) == (f"error: {archive}: damaged archive (File is not a zip file); "
                                "removed, run again to download it afresh")
     assert list(to.iterdir()) == []
@@ -177,7 +178,7 @@ def test_a_zip_of_other_folders_is_refused(tmp_path, serve, archives):
     server = serve({**archives, "stage1_test.zip": zip_tree(other, tmp_path / "other.zip")})
     to = tmp_path / "data"
     with pytest.raises(SystemExit) as stop:
-        data.main(["download", "--to", str(to), "--mirror", server.url])
+        download.main(["--to", str(to), "--mirror", server.url])
     assert str(stop.value) == (f"error: {to / 'stage1_test.zip'}: not DSB2018 data (expected "
                                "<id>/images/<id>.png for every folder, at the top level or "
                                "inside one folder)")
@@ -189,14 +190,14 @@ def test_a_404_and_no_server_stop_in_one_line_naming_the_url(tmp_path, serve, ar
     server = serve({k: v for k, v in archives.items() if k != "stage1_test.zip"})
     to = tmp_path / "data"
     with pytest.raises(SystemExit) as stop:
-        data.main(["download", "--to", str(to), "--mirror", server.url])
+        download.main(["--to", str(to), "--mirror", server.url])
     assert str(stop.value) == f"error: {server.url}stage1_test.zip: HTTP 404 Not Found"
     # What came before is kept; nothing of the missing file is.
     assert sorted(p.name for p in to.iterdir()) == ["stage1_train", "stage1_train.zip"]
 
     server.shutdown()
     server.server_close()
-    result = subprocess.run([sys.executable, "data.py", "download", "--to", str(to),
+    result = subprocess.run([sys.executable, "download.py", "--to", str(to),
                              "--mirror", server.url], capture_output=True, text=True, cwd=ROOT,
                             timeout=60)
     assert result.returncode == 1
@@ -209,7 +210,7 @@ def test_a_missing_solution_is_a_warning_the_images_are_enough(tmp_path, serve, 
     del archives["stage1_solution.csv"]
     server = serve(archives)
     to = tmp_path / "data"
-    data.main(["download", "--to", str(to), "--mirror", server.url])  # no SystemExit
+    download.main(["--to", str(to), "--mirror", server.url])  # no SystemExit
     assert data.list_ids(to / "stage1_train") == ["id00", "id01", "id02"]
     assert not (to / "stage1_solution.csv").exists()
     lines = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import data
+import files
 from tests.conftest import ROOT, disc, make_dsb_tree, write_png
 
 
@@ -92,7 +93,7 @@ def test_masks_of_any_flavour_are_nonzero_pixels(tmp_path):
 ])
 def test_non_images_are_refused(tmp_path, content, reason):
     (tmp_path / "x.png").write_bytes(content)
-    with pytest.raises(data.InputError, match=reason) as error:
+    with pytest.raises(files.InputError, match=reason) as error:
         data.read_image(tmp_path / "x.png")
     assert str(tmp_path / "x.png") in str(error.value)
 
@@ -101,35 +102,35 @@ def test_truncated_png_is_refused(tmp_path):
     path = tmp_path / "t.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(data.InputError, match=f"{path}: not a readable image"):
+    with pytest.raises(files.InputError, match=f"{path}: not a readable image"):
         data.read_image(path)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     # The header claims 100000 x 100000 pixels; the data is a few bytes.
     write_raw_png(tmp_path / "bomb.png", np.zeros((1, 1), np.uint8), 8, 0, size=(100_000, 100_000))
-    with pytest.raises(data.InputError, match="decompression bomb"):
+    with pytest.raises(files.InputError, match="decompression bomb"):
         data.read_image(tmp_path / "bomb.png")
 
 
 def test_missing_and_empty_folders(tmp_path):
-    with pytest.raises(data.InputError, match=f"{tmp_path / 'nope'}: no such data folder"):
+    with pytest.raises(files.InputError, match=f"{tmp_path / 'nope'}: no such data folder"):
         data.load_train(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / ".ipynb_checkpoints").mkdir()
-    with pytest.raises(data.InputError, match="no image folders"):
+    with pytest.raises(files.InputError, match="no image folders"):
         data.load_train(tmp_path / "empty")
 
 
 def test_id_without_its_image(dsb_tree):
     (dsb_tree / "id02" / "images" / "id02.png").unlink()
-    with pytest.raises(data.InputError, match=r"id02\.png: missing"):
+    with pytest.raises(files.InputError, match=r"id02\.png: missing"):
         data.load_train(dsb_tree)
 
 
 def test_mask_of_another_size(dsb_tree):
     write_png(dsb_tree / "id01" / "masks" / "odd.png", np.zeros((10, 10), np.uint8))
-    with pytest.raises(data.InputError, match=r"odd\.png: mask is 10x10 but its image is 80x64"):
+    with pytest.raises(files.InputError, match=r"odd\.png: mask is 10x10 but its image is 80x64"):
         data.load_train(dsb_tree)
 
 
@@ -204,13 +205,13 @@ def test_cache_notices_a_mask_rewritten_with_the_same_size_and_time(dsb_tree, tm
 def test_a_mask_that_is_a_broken_link_is_named(dsb_tree, tmp_path, cache):
     link = dsb_tree / "id01" / "masks" / "gone.png"
     link.symlink_to(tmp_path / "nowhere.png")
-    with pytest.raises(data.InputError, match=f"^{link}: a broken symbolic link$"):
+    with pytest.raises(files.InputError, match=f"^{link}: a broken symbolic link$"):
         data.load_train(dsb_tree, cache_dir=tmp_path / "cache" if cache else None)
 
 
 def test_an_id_folder_whose_name_is_not_utf8_is_named(dsb_tree):
     os.mkdir(os.fsencode(dsb_tree) + b"/bad\xff")
-    with pytest.raises(data.InputError, match=r"id folder 'bad\\udcff' has a name that is not "
+    with pytest.raises(files.InputError, match=r"id folder 'bad\\udcff' has a name that is not "
                                               "valid UTF-8"):
         data.list_ids(dsb_tree)
 
@@ -225,7 +226,7 @@ def test_an_unreadable_folder_is_named(dsb_tree, monkeypatch):
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refuse)
-    with pytest.raises(data.InputError, match=f"^{masks}: not readable \\(permission denied\\)$"):
+    with pytest.raises(files.InputError, match=f"^{masks}: not readable \\(permission denied\\)$"):
         data.load_train(dsb_tree)
 
 
@@ -239,7 +240,7 @@ def test_an_unreadable_file_is_named(dsb_tree, monkeypatch):
         return open_image(path, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", refuse)
-    with pytest.raises(data.InputError, match=f"^{mask}: not a readable image \\(.*Permission "
+    with pytest.raises(files.InputError, match=f"^{mask}: not a readable image \\(.*Permission "
                                               "denied"):
         data.load_train(dsb_tree)
 
@@ -257,5 +258,5 @@ def test_the_scripts_print_warnings_in_one_line(dsb_tree, tmp_path):
 def test_a_data_folder_that_is_a_file(tmp_path):
     path = tmp_path / "train.zip"
     path.write_bytes(b"PK")
-    with pytest.raises(data.InputError, match="train.zip: is a file, not a folder$"):
+    with pytest.raises(files.InputError, match="train.zip: is a file, not a folder$"):
         data.list_ids(path)

@@ -8,6 +8,7 @@ import pytest
 
 import config
 import data
+import nuclei
 import predict
 import train
 from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc
@@ -51,12 +52,12 @@ def test_targets_of_two_touching_discs():
 def test_watershed_separates_touching_nuclei_components_do_not():
     labels = touching_discs()
     prob = data.instance_targets(labels).astype(np.float32)
-    split = predict.nuclei_labels(prob, labels.shape, INSTANCE)
+    split = nuclei.nuclei_labels(prob, labels.shape, INSTANCE)
     assert split.max() == 2 and split.dtype == np.int32
     import unet
 
     assert unet.competition_score(labels, split) == 1.0
-    merged = predict.nuclei_labels(prob, labels.shape, {**INSTANCE, "post": "components"})
+    merged = nuclei.nuclei_labels(prob, labels.shape, {**INSTANCE, "post": "components"})
     # The merged object covers disc 1 (317 pixels) with IoU 317 / 632 > 0.5: a match at
     # t = 0.50 only, where TP 1 and FN 1 give 1/2, so the score is 0.05.
     assert (labels == 1).sum() == 317 and (labels > 0).sum() == 632
@@ -69,7 +70,7 @@ def test_small_objects_dropped_and_seedless_pieces_kept():
     prob[20:24, 20:24, 0] = 0.9        # 16 pixels, all contour: no seed, kept
     prob[20:24, 20:24, 1] = 0.9
     prob[2:5, 25:28, 0] = 0.9          # 9 pixels: under min_size 16
-    labels = predict.nuclei_labels(prob, (30, 30), {**INSTANCE, "min_size": 16})
+    labels = nuclei.nuclei_labels(prob, (30, 30), {**INSTANCE, "min_size": 16})
     assert labels.max() == 2
     assert (labels[2:12, 2:12] == 1).all() and (labels[20:24, 20:24] == 2).all()
     assert not labels[2:5, 25:28].any()
@@ -130,19 +131,19 @@ def test_padded_prediction_equals_whole_image_prediction(small_instance_model):
     x = np.random.default_rng(2).random((40, 37, 1)).astype(np.float32)
     padded = data.pad_to(x, 48, 48)
     whole = model(padded[None], training=False)[0].numpy()
-    assert np.array_equal(predict.predict_full(model, x, tta=False), whole[:40, :37])
+    assert np.array_equal(nuclei.predict_full(model, x, tta=False), whole[:40, :37])
     aligned = padded[:32, :48]
-    assert np.array_equal(predict.predict_full(model, aligned, tta=False),
+    assert np.array_equal(nuclei.predict_full(model, aligned, tta=False),
                           model(aligned[None], training=False)[0].numpy())
 
 
 def test_flip_averaging_commutes_with_flips(small_instance_model):
     x = np.random.default_rng(3).random((32, 48, 1)).astype(np.float32)
-    once = predict.predict_full(small_instance_model, x, tta=True)
-    flipped = predict.predict_full(small_instance_model, x[:, ::-1], tta=True)
+    once = nuclei.predict_full(small_instance_model, x, tta=True)
+    flipped = nuclei.predict_full(small_instance_model, x[:, ::-1], tta=True)
     assert once.shape == (32, 48, 3)
     assert np.allclose(flipped[:, ::-1], once, atol=1e-6)
-    assert not np.allclose(predict.predict_full(small_instance_model, x, tta=False), once,
+    assert not np.allclose(nuclei.predict_full(small_instance_model, x, tta=False), once,
                            atol=1e-6)
 
 
@@ -228,7 +229,7 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     assert set(submission["ImageId"]) == set(test_ids)
     images, _ = data.load_native(SAMPLE_TEST, test_ids, with_labels=False)
     shapes = {id_: image.shape[:2] for id_, image in zip(test_ids, images)}
-    labels = predict.labels_from_rows(submission.itertuples(index=False), shapes)
+    labels = nuclei.labels_from_rows(submission.itertuples(index=False), shapes)
     assert sum(int(l.max()) for l in labels.values()) == (submission["EncodedPixels"] != "").sum()
     for name in ("train_sample.png", "val_sample.png"):
         assert (out_dir / name).is_file()
@@ -257,7 +258,7 @@ def test_tune_finds_the_threshold_that_matches_the_truth_and_saves_it(tmp_path,
     prob = np.zeros((60, 60, 3), np.float32)
     prob[..., 0] = np.where(truth > 0, 0.9, np.where(ndimage.binary_dilation(
         truth > 0, iterations=3), 0.45, 0.0))
-    results = predict.tune([prob], [truth], INSTANCE)
+    results = nuclei.tune([prob], [truth], INSTANCE)
     best_score, best = results[0]
     assert best_score == 1.0 and best["threshold"] >= 0.5
     scores = {(s["threshold"], s["seed_threshold"], s["min_size"]): score for score, s in results}

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 
+import nuclei
 import predict
 import train
 from tests.conftest import ROOT, SMALL_SIZE, make_dsb_tree
@@ -12,14 +13,14 @@ def test_rle_numbers_pixels_down_then_right_from_one():
                      [1, 0, 0]], bool)
     # Column-major, 1-based: pixels 3 (column 0), 4 and 5 (column 1) form one run, as in the
     # Kaggle kernel, which does not break runs at column ends; then pixel 7 (column 2).
-    assert predict.rle_encoding(mask) == "3 3 7 1"
-    assert predict.rle_encoding(np.zeros((3, 3), bool)) == ""
+    assert nuclei.rle_encoding(mask) == "3 3 7 1"
+    assert nuclei.rle_encoding(np.zeros((3, 3), bool)) == ""
 
 
 def test_rle_round_trip():
     rng = np.random.default_rng(0)
     mask = rng.random((37, 23)) < 0.4
-    assert np.array_equal(predict.rle_decode(predict.rle_encoding(mask), mask.shape), mask)
+    assert np.array_equal(nuclei.rle_decode(nuclei.rle_encoding(mask), mask.shape), mask)
 
 
 def test_submission_resizes_back_and_labels_each_nucleus():
@@ -29,13 +30,13 @@ def test_submission_resizes_back_and_labels_each_nucleus():
     pred[1:3, 1:3] = 0.9
     pred[5:7, 4:7] = 0.8
     notebook = config.RECIPES["notebook"]
-    labels = predict.nuclei_labels(pred, (16, 24), notebook)
+    labels = nuclei.nuclei_labels(pred, (16, 24), notebook)
     assert labels.shape == (16, 24) and labels.max() == 2
-    empty = predict.nuclei_labels(np.zeros((8, 8, 1), np.float32), (5, 5), notebook)
-    rows = predict.submission_rows([labels, empty], ["a", "b"])
+    empty = nuclei.nuclei_labels(np.zeros((8, 8, 1), np.float32), (5, 5), notebook)
+    rows = nuclei.submission_rows([labels, empty], ["a", "b"])
     assert [r[0] for r in rows] == ["a", "a", "b"] and rows[2][1] == ""
-    first = predict.rle_decode(rows[0][1], (16, 24))
-    assert first.shape == (16, 24) and first.any() and not (first & predict.rle_decode(rows[1][1], (16, 24))).any()
+    first = nuclei.rle_decode(rows[0][1], (16, 24))
+    assert first.shape == (16, 24) and first.any() and not (first & nuclei.rle_decode(rows[1][1], (16, 24))).any()
 
 
 def test_overlay_outlines_each_nucleus_in_its_own_colour():
@@ -103,6 +104,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import config
 config.IMG_HEIGHT = config.IMG_WIDTH = {SMALL_SIZE}
 import train
+train.cpu_has_bfloat16 = lambda: True  # the bfloat16 path, whatever this CPU has
 train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!r}, "--epochs", "1",
             "--batch-size", "4", "--no-cache", "--distribute", "--mixed-precision"])
 """
@@ -115,3 +117,12 @@ train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!
     model = unet.load_unet(model_path)
     assert model.layers[2].dtype_policy.name == "mixed_bfloat16"
     assert model.output.dtype == "float32"
+
+
+def test_bfloat16_only_where_the_cpu_has_its_instructions(tmp_path):
+    with_bf16, without = tmp_path / "amx", tmp_path / "avx2"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert train.cpu_has_bfloat16(with_bf16)
+    assert not train.cpu_has_bfloat16(without)
+    assert not train.cpu_has_bfloat16(tmp_path / "missing")

@@ -25,6 +25,7 @@ import pytest
 
 import config
 import data
+import files
 import train
 from tests.conftest import ROOT, make_dsb_tree
 from tests.conftest import SMALL_SIZE as SIZE
@@ -165,7 +166,7 @@ def load_error(path):
     """What unet.load_unet says about `path`, after the path: one line."""
     import unet
 
-    with pytest.raises(data.InputError) as error:
+    with pytest.raises(files.InputError) as error:
         unet.load_unet(path)
     text = str(error.value)
     assert text.startswith(f"{path}: ") and "\n" not in text, text
@@ -235,7 +236,7 @@ def save_bad_model(path):
 
 def test_save_atomic_writes_beside_and_renames(tmp_path, small_images):
     path = tmp_path / "models" / "best.keras"
-    partial = data.partial_path(path)
+    partial = files.partial_path(path)
     assert partial.parent == path.parent and partial.name.startswith(".")
     assert partial.suffix == ".keras" and partial != path
     first = save_bad_model(path)
@@ -247,6 +248,7 @@ def test_save_atomic_writes_beside_and_renames(tmp_path, small_images):
 def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, monkeypatch):
     """A save that dies half-way (disk full, exception) must not touch the best model file."""
     import keras
+
     import unet
 
     path = tmp_path / "best.keras"
@@ -258,7 +260,7 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(keras.Model, "save", broken_save)
-    with pytest.raises(data.InputError, match=f"^{path}: could not be written \\(No space left "
+    with pytest.raises(files.InputError, match=f"^{path}: could not be written \\(No space left "
                                               "on device\\); the earlier file, if any, is kept$"):
         unet.save_atomic(unet.build_unet(), path)
     assert path.read_bytes() == before
@@ -268,7 +270,7 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
 def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
         tmp_path, tree, small_images):
     model_path = tmp_path / "model" / "unet.keras"
-    partial = data.partial_path(model_path)
+    partial = files.partial_path(model_path)
     previous = save_bad_model(model_path)
 
     # Killed while writing the first better model.
@@ -635,7 +637,7 @@ def test_load_unet_refuses_a_model_of_another_input_size(tmp_path, small_images,
     path = tmp_path / "unet.keras"
     unet.build_unet().save(path)
     monkeypatch.setattr(config, "IMG_HEIGHT", 64)
-    with pytest.raises(data.InputError, match=r"the model takes \(32, 32, 3\) images"):
+    with pytest.raises(files.InputError, match=r"the model takes \(32, 32, 3\) images"):
         unet.load_unet(path)
 
 

@@ -7,6 +7,8 @@ import pytest
 
 import config
 import data
+import files
+import nuclei
 import predict
 import unet
 from tests.conftest import SAMPLE_TRAIN, disc
@@ -76,20 +78,20 @@ def test_run_lengths_are_column_major_one_based_to_the_last_pixel():
                        [0, 2, 0],
                        [1, 0, 3]])
     # Column 0 holds pixels 1-3, column 1 pixels 4-6, column 2 pixels 7-9.
-    assert predict.run_lengths(labels) == {1: "3 1", 2: "4 2 7 1", 3: "9 1"}
+    assert nuclei.run_lengths(labels) == {1: "3 1", 2: "4 2 7 1", 3: "9 1"}
     corner = np.zeros((5, 7), bool)
     corner[-1, -1] = True
-    assert predict.rle_encoding(corner) == "35 1"
-    assert np.array_equal(predict.rle_decode("35 1", (5, 7)), corner)
+    assert nuclei.rle_encoding(corner) == "35 1"
+    assert np.array_equal(nuclei.rle_decode("35 1", (5, 7)), corner)
 
 
 def test_run_lengths_round_trip_a_label_image():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 6, size=(37, 23))
-    encoded = predict.run_lengths(labels)
+    encoded = nuclei.run_lengths(labels)
     assert sorted(encoded) == [1, 2, 3, 4, 5]
     for value, runs in encoded.items():
-        assert np.array_equal(predict.rle_decode(runs, labels.shape), labels == value)
+        assert np.array_equal(nuclei.rle_decode(runs, labels.shape), labels == value)
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -101,16 +103,16 @@ def test_run_lengths_round_trip_a_label_image():
 def test_bad_solution_rows_are_named(tmp_path, rows, message):
     path = tmp_path / "solution.csv"
     path.write_text("ImageId,EncodedPixels,Height,Width\n" + rows + "\n")
-    with pytest.raises(data.InputError) as error:
-        predict.read_solution(path)
+    with pytest.raises(files.InputError) as error:
+        nuclei.read_solution(path)
     assert str(error.value) == f"{path} {message}"
 
 
 def test_solution_without_a_column_is_named(tmp_path):
     path = tmp_path / "solution.csv"
     path.write_text("ImageId,EncodedPixels,Width\na,1 2,4\n")
-    with pytest.raises(data.InputError, match=r"solution.csv: no Height column \(has ImageId, "):
-        predict.read_solution(path)
+    with pytest.raises(files.InputError, match=r"solution.csv: no Height column \(has ImageId, "):
+        nuclei.read_solution(path)
 
 
 def test_solution_from_training_masks_scores_the_true_masks_one(tmp_path):
@@ -118,18 +120,18 @@ def test_solution_from_training_masks_scores_the_true_masks_one(tmp_path):
     the same nuclei, and the true label images (as our submission writes them) score 1.0."""
     ids = data.list_ids(SAMPLE_TRAIN)[:3]
     images, truths = data.load_native(SAMPLE_TRAIN, ids)
-    rows = predict.submission_rows(truths, ids)
+    rows = nuclei.submission_rows(truths, ids)
     solution = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
     solution["Height"] = [images[ids.index(id_)].shape[0] for id_ in solution["ImageId"]]
     solution["Width"] = [images[ids.index(id_)].shape[1] for id_ in solution["ImageId"]]
     solution["Usage"] = "Public"
     path = tmp_path / "solution.csv"
     solution.to_csv(path, index=False)
-    read = predict.read_solution(path)
+    read = nuclei.read_solution(path)
     assert sorted(read) == sorted(ids)
     assert len(solution) == sum(int(t.max()) for t in truths) > 3
     shapes = {id_: t.shape for id_, t in zip(ids, truths)}
-    submitted = predict.labels_from_rows(rows, shapes)
+    submitted = nuclei.labels_from_rows(rows, shapes)
     for id_, truth in zip(ids, truths):
         assert np.array_equal(read[id_] > 0, truth > 0)
         assert unet.competition_score(read[id_], truth) == 1.0
@@ -146,7 +148,6 @@ def test_image_kinds_by_the_stated_rule():
 
 def test_the_downloaded_solution_is_the_default_only_for_the_downloaded_test_images(
         tmp_path, monkeypatch):
-    import predict
 
     solution = tmp_path / "stage1_solution.csv"
     monkeypatch.setattr(config, "SOLUTION_PATH", solution)
