@@ -50,6 +50,9 @@ THRESHOLD = 0.5
 
 # The notebook saved nuclei_finder_unet_1.h5; Keras 3 wants the .keras format.
 MODEL_PATH = Path("nuclei_finder_unet_1.keras")
+# The model the project ships (trained by train.py with the command in the README): predict.py's
+# default when no model has been trained here.
+SHIPPED_MODEL = ROOT / "models" / "instance.keras"
 OUT_DIR = Path("predictions")
 # Resized arrays are cached here, keyed by the files' names and stamps and the settings.
 CACHE_DIR = Path.home() / ".cache" / "dsb2018-unet"
@@ -135,6 +138,16 @@ HELD_OUT_ACQUISITIONS = (
 # The recipe settings that only change how probabilities become nuclei: `predict.py --set` and
 # `--tune` may change them in a trained model; train.py ignores them when it compares recipes.
 POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta")
+
+# Prediction: images up to WHOLE_PIXELS (DSB2018's largest is 1040x1388) are predicted whole;
+# larger ones in TILE x TILE squares, each with TILE_MARGIN pixels of context on every side (at
+# least the network's receptive field, 122 pixels), so that memory is bounded by the tile.
+WHOLE_PIXELS = 1_500_000
+# The median equivalent diameter, in pixels, of the 26,389 nuclei of stage1_train's 597 training
+# images: what `predict.py --diameter` rescales the nuclei to.
+NUCLEUS_DIAMETER = 20
+TILE = 1024
+TILE_MARGIN = 128
 
 # Images larger than this are refused as decompression bombs; DSB2018's largest is 1040x1388.
 MAX_IMAGE_PIXELS = 64_000_000

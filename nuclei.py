@@ -118,29 +118,82 @@ class Predictor:
     def probabilities(self, images):
         if self.recipe["input"] == "rgb_128":
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
-            X = np.stack([data.shrink_image(image, size) for image in images])
+            X = np.stack([data.shrink_image(data.display_image(image), size) for image in images])
             return list(self.model.predict(X, verbose=0))
-        return [predict_full(self.model, data.native_input(image, self.recipe), self.recipe["tta"])
-                for image in images]
+        return [predict_tiled(self.model, data.native_input(image, self.recipe),
+                              self.recipe["tta"]) for image in images]
 
     def nuclei(self, images):
         return [nuclei_labels(prob, image.shape[:2], self.recipe)
                 for prob, image in zip(self.probabilities(images), images)]
 
+    def nuclei_at_scale(self, image, scale):
+        """The nuclei of one image (H, W, 3) whose nuclei are `1 / scale` times the training
+        size: the network's input rescaled by `scale`, its probabilities rescaled back, and
+        min_size with them."""
+        from skimage.transform import resize
 
-def predict_full(model, x, tta):
-    """A full-size probability map (H, W, outputs) of one input (H, W, C): reflect-padded to a
-    multiple of 16 (the four 2x2 poolings), cropped back; with `tta` the mean over the four
-    flips, each undone."""
-    height, width = x.shape[:2]
-    padded = data.pad_to(x, -(-height // 16) * 16, -(-width // 16) * 16)
+        if scale == 1:
+            return self.nuclei([image])[0]
+        shape = image.shape[:2]
+        x = data.native_input(image, self.recipe)
+        size = (max(round(shape[0] * scale), 16), max(round(shape[1] * scale), 16))
+        x = resize(x, size, order=1, anti_aliasing=scale < 1, preserve_range=True)
+        prob = predict_tiled(self.model, x.astype(np.float32), self.recipe["tta"])
+        prob = resize(prob, shape, order=1, preserve_range=True).astype(np.float32)
+        recipe = {**self.recipe, "min_size": round(self.recipe.get("min_size", 0) / scale ** 2)}
+        return nuclei_labels(prob, shape, recipe)
+
+
+def _multiple_of_16(n):
+    return -(-n // 16) * 16
+
+
+def predict_window(model, padded, tta):
+    """The probabilities (H, W, outputs) of an input whose sides are multiples of 16 (the four
+    2x2 poolings); with `tta` the mean over the four flips, each undone."""
     flips = [(), (0,), (1,), (0, 1)] if tta else [()]
     total = 0
     for axes in flips:
         flipped = np.flip(padded, axis=axes) if axes else padded
         out = model(flipped[None], training=False)[0].numpy()
         total = total + (np.flip(out, axis=axes) if axes else out)
-    return (total / len(flips))[:height, :width]
+    return total / len(flips)
+
+
+def predict_full(model, x, tta):
+    """A full-size probability map (H, W, outputs) of one input (H, W, C): reflect-padded to a
+    multiple of 16, predicted whole, cropped back."""
+    height, width = x.shape[:2]
+    padded = data.pad_to(x, _multiple_of_16(height), _multiple_of_16(width))
+    return predict_window(model, padded, tta)[:height, :width]
+
+
+def predict_tiled(model, x, tta, tile=config.TILE, margin=config.TILE_MARGIN):
+    """predict_full's probabilities with memory bounded by the tile, not the image: an image
+    over config.WHOLE_PIXELS is cut into tile x tile squares, each predicted with `margin`
+    pixels of the image around it (the network's receptive field reaches 122 pixels, so the
+    kept square sees what it would see in the whole image) and pasted into one map. Every
+    window starts at a multiple of 16, so that the poolings fall on the same pixels as in the
+    whole image."""
+    height, width = x.shape[:2]
+    if height * width <= config.WHOLE_PIXELS:
+        return predict_full(model, x, tta)
+    assert tile % 16 == 0 and margin % 16 == 0, "tiles must keep the 16-pixel pooling grid"
+    padded_height, padded_width = _multiple_of_16(height), _multiple_of_16(width)
+    padded = data.pad_to(x, padded_height, padded_width)
+    probabilities = np.zeros((height, width, model.output_shape[-1]), dtype=np.float32)
+    for top in range(0, padded_height, tile):
+        for left in range(0, padded_width, tile):
+            window_top, window_left = max(top - margin, 0), max(left - margin, 0)
+            window = padded[window_top:min(top + tile + margin, padded_height),
+                            window_left:min(left + tile + margin, padded_width)]
+            out = predict_window(model, window, tta)
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            if bottom > top and right > left:
+                probabilities[top:bottom, left:right] = out[top - window_top:bottom - window_top,
+                                                            left - window_left:right - window_left]
+    return probabilities
 
 
 def nuclei_labels(prob, shape, recipe):
@@ -214,3 +267,44 @@ def tune(probs, truths, recipe, weights=None):
             results.append((float(score), {k: v for k, v in chosen.items() if v is not None}))
     return sorted(results, key=lambda result: -result[0])
 
+
+
+# The measurements of each nucleus (scikit-image's regionprops names), and the columns they get.
+MEASUREMENTS = {
+    "label": "label", "centroid-1": "x", "centroid-0": "y", "area": "area",
+    "perimeter": "perimeter", "equivalent_diameter_area": "equivalent_diameter",
+    "axis_major_length": "major_axis", "axis_minor_length": "minor_axis",
+    "eccentricity": "eccentricity", "solidity": "solidity", "orientation": "orientation",
+}
+# Lengths and areas, which --pixel-size also gives in microns.
+LENGTHS = ("x", "y", "perimeter", "equivalent_diameter", "major_axis", "minor_axis")
+
+
+def measure(labels, pixels, pixel_size=None):
+    """A table of the nuclei of a label image: one row each, with its shape, its mean and
+    maximum intensity in the original pixel values (per colour channel for RGB), whether it
+    touches the image's border (its shape is then cut), and with `pixel_size` (microns per
+    pixel) lengths in microns and areas in square microns too."""
+    import pandas as pd
+    from skimage.measure import regionprops_table
+
+    properties = ["label", "centroid", *list(MEASUREMENTS)[3:], "bbox", "intensity_mean",
+                  "intensity_max"]
+    table = pd.DataFrame(regionprops_table(labels, intensity_image=pixels,
+                                           properties=properties))
+    columns = dict(MEASUREMENTS)
+    channels = ("",) if pixels.ndim == 2 else [f"_{c}" for c in "rgb"]
+    for kind in ("mean", "max"):
+        for n, suffix in enumerate(channels):
+            source = f"intensity_{kind}" + ("" if pixels.ndim == 2 else f"-{n}")
+            columns[source] = f"{kind}_intensity{suffix}"
+    height, width = labels.shape
+    touches = ((table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height)
+               | (table["bbox-3"] == width))
+    table = table.rename(columns=columns)[list(columns.values())]
+    table["touches_border"] = touches
+    if pixel_size:
+        for name in LENGTHS:
+            table[f"{name}_um"] = table[name] * pixel_size
+        table["area_um2"] = table["area"] * pixel_size ** 2
+    return table

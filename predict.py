@@ -1,18 +1,22 @@
 """Predict with a trained U-Net: the competition's score on the validation split, image / mask /
 prediction triptychs, a Kaggle submission CSV for the test images, each test image with its
-predicted nuclei outlined, and a contact sheet of them all.
+predicted nuclei outlined, and a contact sheet of them all; or, with --images, any microscopy
+images: a label image, an overlay and a table of measurements per nucleus.
 
 python predict.py            # headless: PNGs and submission.csv in --out-dir
 python predict.py --show     # also open the triptychs and the contact sheet in windows
 python predict.py --solution stage1_solution.csv   # also score the submission
+python predict.py --images my_folder --out-dir results --pixel-size 0.65
 
-The model file carries its recipe (config.RECIPES); the post-processing follows it.
+The model file carries its recipe (config.RECIPES); the post-processing follows it. Without
+--model-path and without a model trained here, the model shipped in models/ is used.
 """
 import argparse
 import contextlib
 import math
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +34,35 @@ def probability(text):
     return value
 
 
+def positive(text):
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def natural(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 0")
+    return value
+
+
+def default_model():
+    """The model trained here when there is one, else the one shipped with the project."""
+    if not config.MODEL_PATH.exists() and config.SHIPPED_MODEL.is_file():
+        print(f"No {config.MODEL_PATH} trained here: using the shipped model "
+              f"{config.SHIPPED_MODEL.relative_to(config.ROOT)}")
+        return config.SHIPPED_MODEL
+    return config.MODEL_PATH
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=files.HelpFormatter)
-    parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,
-                        help="model written by train.py (.keras, loaded in safe mode)")
+    parser.add_argument("--model-path", type=Path,
+                        help=f"model written by train.py (.keras, loaded in safe mode); default: "
+                             f"{config.MODEL_PATH} once trained, else {config.SHIPPED_MODEL}")
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
                         help="the folder the model was trained on (its last 10%% is validation)")
     parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
@@ -60,7 +88,27 @@ def parse_args(argv):
                         help="open the triptychs and the contact sheet in windows")
     parser.add_argument("--no-cache", action="store_true",
                         help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
+    own = parser.add_argument_group(
+        "your own images", "--images segments any PNG, TIFF, JPEG or BMP (8 or 16 bits, integer "
+        "or float, grey, RGB or RGBA) into --out-dir: labels/<name>.tif, overlays/<name>.png, "
+        "nuclei.csv (one row per nucleus) and images.csv (one row per image)")
+    own.add_argument("--images", nargs="+", type=Path, metavar="PATH",
+                     help="image files and folders (a folder's images, sorted)")
+    own.add_argument("--recursive", action="store_true", help="also the folders' sub-folders")
+    own.add_argument("--channel", type=natural, metavar="N",
+                     help="the plane that holds the nuclei, for images with more planes than "
+                          "grey or RGB(A) (0 is the first)")
+    own.add_argument("--diameter", type=positive, metavar="PIXELS",
+                     help=f"the nuclei's typical diameter in these images: each is rescaled so "
+                          f"that they are {config.NUCLEUS_DIAMETER} pixels (the training "
+                          f"images' median), and the nuclei back")
+    own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
+                     help="microns per pixel: measurements in microns too")
+    own.add_argument("--overwrite", action="store_true",
+                     help="redo images whose outputs exist (by default a rerun skips them)")
     args = parser.parse_args(argv)
+    if args.model_path is None:
+        args.model_path = default_model()
     if args.solution is None and args.test_dir == config.TEST_PATH:
         # The downloaded solution describes the downloaded test images only.
         args.solution = config.SOLUTION_PATH
@@ -92,7 +140,12 @@ def overlay(image, labels):
 
     edges = find_boundaries(labels, mode="inner")
     picture = image.copy()
-    picture[edges] = (label2rgb(labels, bg_label=0)[edges] * 255).round().astype(np.uint8)
+    if not edges.any():
+        return picture
+    # Colours by rank among the labels, as label2rgb gives the whole image (every nucleus has
+    # boundary pixels), at the memory of the boundaries only.
+    colours = label2rgb(labels[edges][None], bg_label=0)[0]
+    picture[edges] = (colours * 255).round().astype(np.uint8)
     return picture
 
 
@@ -150,12 +203,17 @@ def main(argv=None):
         lock = (files.FileLock(args.model_path) if args.tune and args.model_path.is_file()
                 else contextlib.nullcontext())
         with files.stop_on_signals(), files.one_line_warnings(), lock:
-            predict(args)
+            if args.images:
+                skipped = segment_images(args)
+            else:
+                skipped = predict(args)
     except files.InputError as error:
         sys.exit(f"error: {error}")
     except files.Stopped as stopped:
         files.exit_stopped(stopped, "every file written so far is whole, the others are as they "
-                                   "were")
+                                    "were")
+    if skipped:
+        sys.exit(1)
 
 
 def report_scores(scores, kinds, truths, preds):
@@ -196,6 +254,140 @@ def held_out_set(train_dir, train_ids, recipe):
     chosen = [id_ for id_, image in zip(train_ids, images) if data.held_out(image, recipe)]
     images, truths = data.load_native(train_dir, chosen)
     return images, truths, [data.acquisition(image) for image in images]
+
+
+def image_files(paths, recursive):
+    """[(path, output name)] of the images to segment: files as given, and each folder's image
+    files (data.IMAGE_SUFFIXES, hidden ones left out), sorted; a name is the path below its
+    folder with "__" for each "/". Other files in a folder are named in a warning."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            members = sorted(p for p in path.glob("**/*" if recursive else "*")
+                             if p.is_file() and not any(part.startswith(".")
+                                                        for part in p.relative_to(path).parts))
+            for member in members:
+                if member.suffix.lower() in data.IMAGE_SUFFIXES:
+                    name = member.relative_to(path).with_suffix("").as_posix().replace("/", "__")
+                    found.append((member, name))
+                else:
+                    warnings.warn(f"{member}: not an image file ({member.suffix or 'no suffix'}), "
+                                  "ignored")
+        elif path.exists() or path.is_symlink():  # a broken link is reported when read
+            found.append((path, path.stem))
+        else:
+            raise files.InputError(f"{path}: no such file or folder (--images)")
+    if not found:
+        raise files.InputError(f"{', '.join(map(str, paths))}: no images in it (--images reads "
+                               f"{', '.join(data.IMAGE_SUFFIXES)})")
+    first = {}
+    for path, name in found:
+        if name in first:
+            raise files.InputError(f"{first[name]} and {path}: both would be written as {name}; "
+                                   "rename one or segment them apart")
+        first[name] = path
+    return found
+
+
+def image_outputs(out_dir, name):
+    """An image's output files; its summary (the last one written) marks it done."""
+    return {"labels": out_dir / "labels" / f"{name}.tif",
+            "overlay": out_dir / "overlays" / f"{name}.png",
+            "nuclei": out_dir / "measurements" / f"{name}.csv",
+            "summary": out_dir / "measurements" / f"{name}.json"}
+
+
+def segment_images(args):
+    """`--images`: each image's nuclei written as soon as it is done; the tables over all of
+    them rewritten after each. Returns the number of files that could not be segmented."""
+    import json
+    import time
+
+    import tifffile
+    from PIL import Image
+    from tqdm import tqdm
+
+    files.check_output_folder(args.out_dir, "--out-dir")
+    images = image_files(args.images, args.recursive)
+    import unet  # after the cheap checks: TensorFlow takes seconds to import
+    model = unet.load_unet(args.model_path)
+    recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
+    if args.threshold is not None:
+        recipe["threshold"] = args.threshold
+    if args.diameter and recipe["input"] == "rgb_128":
+        raise files.InputError(f"{args.model_path}: --diameter needs a model of native "
+                               "resolution (the notebook recipe shrinks every image to 128x128)")
+    scale = config.NUCLEUS_DIAMETER / args.diameter if args.diameter else 1.0
+    predictor = nuclei.Predictor(model, recipe)
+    for folder in ("labels", "overlays", "measurements"):
+        (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
+
+    done, failed, total_nuclei, start = 0, 0, 0, time.perf_counter()
+    for path, name in tqdm(images, desc="images", unit="image"):
+        outputs = image_outputs(args.out_dir, name)
+        if outputs["summary"].exists() and not args.overwrite:
+            done += 1
+            continue
+        began = time.perf_counter()
+        try:
+            pixels = data.read_pixels(path, args.channel)
+        except files.InputError as error:
+            warnings.warn(f"{error}; skipped")
+            failed += 1
+            continue
+        image = data.scaled_image(pixels)
+        labels = predictor.nuclei_at_scale(image, scale)
+        count = int(labels.max())
+        labels = labels.astype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
+        files.write_atomic(outputs["labels"], lambda tmp: tifffile.imwrite(
+            tmp, labels, compression="zlib"))
+        picture = Image.fromarray(overlay(data.display_image(image), labels))
+        files.write_atomic(outputs["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
+        table = nuclei.measure(labels, pixels, args.pixel_size)
+        table.insert(0, "image", name)
+        files.write_atomic(outputs["nuclei"], lambda tmp: table.to_csv(tmp, index=False))
+        areas = table["area"]
+        summary = {"image": name, "file": str(path), "height": labels.shape[0],
+                   "width": labels.shape[1], "nuclei": count,
+                   "mean_area": float(areas.mean()) if count else None,
+                   "median_area": float(areas.median()) if count else None,
+                   "covered": float(np.count_nonzero(labels) / labels.size),
+                   "seconds": round(time.perf_counter() - began, 2)}
+        if args.pixel_size:
+            summary["mean_area_um2"] = (summary["mean_area"] * args.pixel_size ** 2
+                                        if count else None)
+        files.write_atomic(outputs["summary"],
+                           lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        total_nuclei += count
+        write_tables(args.out_dir, [name for _, name in images])
+    write_tables(args.out_dir, [name for _, name in images])
+    made = len(images) - done - failed
+    print(f"Segmented {made} images ({total_nuclei:,} nuclei) in "
+          f"{time.perf_counter() - start:.1f} s into {args.out_dir}"
+          + (f"; {done} already done (--overwrite redoes them)" if done else "")
+          + (f"; {failed} skipped, see the warnings above" if failed else ""))
+    return failed
+
+
+def write_tables(out_dir, names):
+    """nuclei.csv and images.csv of the images of this run that are done, in the run's order."""
+    import json
+
+    import pandas as pd
+
+    summaries, tables = [], []
+    for name in names:
+        outputs = image_outputs(out_dir, name)
+        if outputs["summary"].exists():
+            summaries.append(json.loads(outputs["summary"].read_text()))
+            tables.append(pd.read_csv(outputs["nuclei"]))
+    if not summaries:
+        return
+    # Images without nuclei add no rows (and concat warns about empty tables).
+    nuclei_table = pd.concat([t for t in tables if len(t)] or tables[:1], ignore_index=True)
+    files.write_atomic(out_dir / "nuclei.csv", lambda tmp: nuclei_table.to_csv(tmp, index=False))
+    images_table = pd.DataFrame(summaries)
+    files.write_atomic(out_dir / "images.csv", lambda tmp: images_table.to_csv(tmp, index=False))
 
 
 def predict(args):
