@@ -98,6 +98,9 @@ RECIPES = {
         "seed_threshold": 0.5,   # contour and gap probability below which a nucleus pixel seeds
         "min_size": 32,          # smaller objects (pixels at full size) are dropped
         "tta": True,             # mean of the 4 flips
+        # "auto": images whose nuclei come out over 1.5x off the training size are predicted
+        # again, rescaled to it (nuclei.Predictor.resized)
+        "rescale": "none",
         "batch_size": 8,
         "lr_schedule": "cosine",  # Adam's 1e-3 decayed to 0 over the run (cosine)
         "epochs": 40,            # 24 minutes on 2 CPU cores in bfloat16
@@ -109,7 +112,7 @@ RECIPES = {
 # Settings added to the recipes after models were saved with them: the value a model saved
 # without the setting was trained with.
 RECIPE_DEFAULTS = {"dropout": True, "holdout": "none", "intensity_augment": False,
-                   "stain_augment": False}
+                   "stain_augment": False, "rescale": "none"}
 
 # The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
 RECIPE_CHOICES = {
@@ -118,6 +121,7 @@ RECIPE_CHOICES = {
     "post": ("components", "watershed"),
     "lr_schedule": ("constant", "cosine"),
     "holdout": ("none", "acquisitions"),
+    "rescale": ("none", "auto"),
 }
 
 # An acquisition (one microscope, stain and magnification) is approximated by the image's kind
@@ -137,7 +141,7 @@ HELD_OUT_ACQUISITIONS = (
 
 # The recipe settings that only change how probabilities become nuclei: `predict.py --set` and
 # `--tune` may change them in a trained model; train.py ignores them when it compares recipes.
-POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta")
+POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta", "rescale")
 
 # Prediction: images up to WHOLE_PIXELS (DSB2018's largest is 1040x1388) are predicted whole;
 # larger ones in TILE x TILE squares, each with TILE_MARGIN pixels of context on every side (at

@@ -595,6 +595,9 @@ def recipe_with(recipe, settings, allowed=None):
             raise InputError(f"--set {setting}: {key} is one of "
                              f"{', '.join(config.RECIPE_CHOICES[key])}")
         recipe[key] = value
+    if recipe.get("rescale") == "auto" and recipe["input"] == "rgb_128":
+        raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
+                         "128x128, so there is no nucleus size to match")
     if recipe.get("stain_augment") and recipe["input"] != "grey_native":
         raise InputError("--set stain_augment=true: mixes the colour channels into grey, so it "
                          "needs input=grey_native")

@@ -124,8 +124,18 @@ class Predictor:
                               self.recipe["tta"]) for image in images]
 
     def nuclei(self, images):
-        return [nuclei_labels(prob, image.shape[:2], self.recipe)
+        return [self.resized(image, nuclei_labels(prob, image.shape[:2], self.recipe))
                 for prob, image in zip(self.probabilities(images), images)]
+
+    def resized(self, image, labels):
+        """With the recipe's rescale "auto", the nuclei found again at the scale that brings
+        their median diameter in `labels` to config.NUCLEUS_DIAMETER (as Cellpose's diameter
+        estimate), when it is over 1.5 times off; else `labels`."""
+        if self.recipe.get("rescale") != "auto" or labels.max() == 0:
+            return labels
+        diameter = np.median(np.sqrt(4 / np.pi * np.bincount(labels.ravel())[1:]))
+        scale = config.NUCLEUS_DIAMETER / diameter
+        return labels if 1 / 1.5 < scale < 1.5 else self.nuclei_at_scale(image, scale)
 
     def nuclei_at_scale(self, image, scale):
         """The nuclei of one image (H, W, 3) whose nuclei are `1 / scale` times the training
@@ -134,7 +144,8 @@ class Predictor:
         from skimage.transform import resize
 
         if scale == 1:
-            return self.nuclei([image])[0]
+            prob = self.probabilities([image])[0]
+            return nuclei_labels(prob, image.shape[:2], self.recipe)
         shape = image.shape[:2]
         x = data.native_input(image, self.recipe)
         size = (max(round(shape[0] * scale), 16), max(round(shape[1] * scale), 16))

@@ -434,8 +434,8 @@ def predict(args):
         unet.write_recipe(args.model_path, recipe)
         print(f"Saved the best in {args.model_path}'s recipe: " +
               ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
-    val_preds = [nuclei.nuclei_labels(prob, truth.shape, recipe)
-                 for prob, truth in zip(val_probs, val_truths)]
+    val_preds = [predictor.resized(image, nuclei.nuclei_labels(prob, truth.shape, recipe))
+                 for prob, truth, image in zip(val_probs, val_truths, val_images)]
     scores = [unet.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
     kinds = [data.image_kind(image) for image in val_images]
 
@@ -453,8 +453,9 @@ def predict(args):
     unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
     report_scores(scores, kinds, val_truths, val_preds)
     if groups:
-        held_scores = [unet.competition_score(t, nuclei.nuclei_labels(p, t.shape, recipe))
-                       for p, t in zip(held_probs, held_truths)]
+        held_scores = [unet.competition_score(t, predictor.resized(
+            image, nuclei.nuclei_labels(p, t.shape, recipe)))
+            for p, t, image in zip(held_probs, held_truths, held_images)]
         report_held_out(held_scores, groups)
     if recipe["input"] == "rgb_128":
         X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
