@@ -13,6 +13,11 @@ In one run:
 4. training: train.py's model and settings (unet.build_unet(), batch size, validation split),
    steady-state epoch time, images/s and the fraction of the compute bound.
 
+python bench.py --own-image big.tif --model-path models/instance.keras   # alone, in its process
+
+times one image as `predict.py --images` segments it: reading, the network (tiled above
+config.WHOLE_PIXELS), the post-processing, and the process's peak memory.
+
 The results are printed as they come and again at the end as a Markdown table for the README.
 """
 import argparse
@@ -37,16 +42,18 @@ MATMUL_REPEATS = 5
 METRIC_BATCH = 16
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Flag defaults shown, and the description's line breaks kept."""
-
-
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=files.HelpFormatter)
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
                         help="DSB2018 folder of <id>/images and <id>/masks")
     parser.add_argument("--epochs", type=int, default=3,
                         help="training epochs to time; the first (tracing) is excluded, so >= 2")
+    parser.add_argument("--own-image", type=Path, metavar="PATH",
+                        help="instead, time one image of your own as `predict.py --images` "
+                             "segments it (network and post-processing, seconds per megapixel) "
+                             "and this process's peak memory")
+    parser.add_argument("--model-path", type=Path, default=config.SHIPPED_MODEL,
+                        help="the model for --own-image")
     return parser.parse_args(argv)
 
 
@@ -393,8 +400,38 @@ def markdown(train_dir, load, metric, bound, training, others):
     return "\n".join(lines)
 
 
+def bench_own_image(path, model_path):
+    """Seconds per megapixel of the network and of the post-processing for one image, nuclei
+    found, and the peak resident memory of this process (Linux reports it in KiB)."""
+    import resource
+
+    import nuclei
+    import unet
+
+    model, recipe = unet.load_unet(model_path), unet.read_recipe(model_path)
+    started = time.perf_counter()
+    pixels = data.read_pixels(path)
+    image = data.scaled_image(pixels)
+    read = time.perf_counter() - started
+    x = data.native_input(image, recipe)
+    prob, network = timed(nuclei.predict_tiled, model, x, recipe["tta"])
+    labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], recipe)
+    megapixels = image.shape[0] * image.shape[1] / 1e6
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    say(f"{path}: {image.shape[1]}x{image.shape[0]} ({megapixels:.1f} MP), {labels.max():,} "
+        f"nuclei; reading {read:.1f} s, network {network:.1f} s ({network / megapixels:.2f} "
+        f"s/MP, tta={recipe['tta']}), post-processing {post:.1f} s ({post / megapixels:.2f} "
+        f"s/MP), together {(network + post) / megapixels:.2f} s/MP; peak memory {peak:.2f} GB")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.own_image:
+        with files.one_line_warnings():
+            try:
+                return bench_own_image(args.own_image, args.model_path)
+            except files.InputError as error:
+                sys.exit(f"error: {error}")
     if args.epochs < 1:
         sys.exit("error: --epochs must be at least 1")
     others, start = OtherCPU(), time.perf_counter()

@@ -43,7 +43,7 @@ def rle_decode(encoded, shape, where="run-length"):
         raise files.InputError(f"{where}: runs start at pixel 1 and have a length of at least 1")
     if len(numbers) and (starts + lengths).max() > size:
         raise files.InputError(f"{where}: a run ends at pixel {(starts + lengths).max()}, past "
-                              f"the image's {shape[0]}x{shape[1]} = {size} pixels")
+                               f"the image's {shape[0]}x{shape[1]} = {size} pixels")
     flat = np.zeros(size, dtype=bool)
     for start, length in zip(starts, lengths):
         flat[start:start + length] = True
@@ -76,7 +76,7 @@ def read_solution(path):
         labels = truth.setdefault(record.ImageId, np.zeros(shape, dtype=np.int32))
         if labels.shape != shape:
             raise files.InputError(f"{where}: {record.ImageId} is {shape[0]}x{shape[1]} here "
-                                  f"but {labels.shape[0]}x{labels.shape[1]} in an earlier row")
+                                   f"but {labels.shape[0]}x{labels.shape[1]} in an earlier row")
         if getattr(record, "Usage", "") == "Ignored" or not record.EncodedPixels.strip():
             continue
         labels[rle_decode(record.EncodedPixels, shape, where)] = labels.max() + 1

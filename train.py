@@ -89,7 +89,7 @@ def repair_backup(backup):
     previous = [backup / "latest.weights.h5.bkp", backup / "training_metadata.json.bkp"]
     if not all(path.exists() for path in previous):
         raise files.InputError(f"{metadata}: damaged and no previous copy; delete {backup} "
-                              "to start over")
+                               "to start over")
     print(f"{backup}'s last epoch is damaged: resuming from the previous epoch's backup")
     os.replace(previous[0], backup / "latest.weights.h5")
     os.replace(previous[1], metadata)
@@ -230,7 +230,7 @@ def check_existing_model(model_path, recipe):
     if any(saved.get(key) != value for key, value in recipe.items()
            if key not in config.POST_SETTINGS):
         raise files.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
-                              f"{saved['post']}); choose another --model-path or move it")
+                               f"{saved['post']}); choose another --model-path or move it")
     return unet.load_unet(model_path)
 
 
@@ -258,7 +258,7 @@ def fit(args, recipe, lock):
     backup = backup_dir(model_path)
     if backup.exists() and not args.resume:
         raise files.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
-                              "or delete the folder to start over")
+                               "or delete the folder to start over")
     existing = check_existing_model(model_path, recipe) if model_path.exists() else None
     if recipe["input"] == "rgb_128":
         stream, n_train, X_val, Y_val = load_notebook_data(args)

@@ -228,28 +228,28 @@ def load_unet(path):
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):
             raise files.InputError(f"{path}: cannot load the model: it holds a Lambda layer "
-                             "(arbitrary code), refused in safe mode") from None
+                                   "(arbitrary code), refused in safe mode") from None
         # A readable archive whose config or weights are not (e.g. a member cut short).
         raise files.InputError(f"{path}: damaged or incompatible model file ({message}); "
-                         "retrain or restore it") from None
+                               "retrain or restore it") from None
     recipe = read_recipe(path)
     if recipe["input"] == "rgb_128":
         expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
         if tuple(model.input_shape[1:]) != expected:
             raise files.InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
-                             f"config.py's size is {expected}")
+                                   f"config.py's size is {expected}")
     elif model.input_shape[-1] != INPUT_CHANNELS[recipe["input"]]:
         raise files.InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
-                         f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
+                               f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
     if recipe["input"] == "rgb_128" and model.output_shape[1:3] != model.input_shape[1:3]:
         raise files.InputError(f"{path}: the model's output is {model.output_shape[1:3]}, its input "
-                         f"{model.input_shape[1:3]}: not a U-Net of this project")
+                               f"{model.input_shape[1:3]}: not a U-Net of this project")
     if model.output_shape[-1] != recipe["outputs"]:
         raise files.InputError(f"{path}: the model has {model.output_shape[-1]} outputs, its recipe "
-                         f"{recipe['outputs']}")
+                               f"{recipe['outputs']}")
     if not model.compiled:  # train.py saves compiled models only
         raise files.InputError(f"{path}: saved without its loss and optimizer, so not by train.py; "
-                         "retrain or restore it")
+                               "retrain or restore it")
     return model
 
 

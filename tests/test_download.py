@@ -206,7 +206,7 @@ def test_a_404_and_no_server_stop_in_one_line_naming_the_url(tmp_path, serve, ar
 
 
 def test_a_missing_solution_is_a_warning_the_images_are_enough(tmp_path, serve, archives,
-                                                              capsys):
+                                                               capsys):
     del archives["stage1_solution.csv"]
     server = serve(archives)
     to = tmp_path / "data"
