@@ -89,9 +89,10 @@ def parse_args(argv):
     parser.add_argument("--no-cache", action="store_true",
                         help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
     own = parser.add_argument_group(
-        "your own images", "--images segments any PNG, TIFF, JPEG or BMP (8 or 16 bits, integer "
-        "or float, grey, RGB or RGBA) into --out-dir: labels/<name>.tif, overlays/<name>.png, "
-        "nuclei.csv (one row per nucleus) and images.csv (one row per image)")
+        "your own images",
+        "--images segments any PNG, TIFF, JPEG or BMP (8 or 16 bits, integer or float, grey,\n"
+        "RGB or RGBA) into --out-dir: labels/<name>.tif, overlays/<name>.png, nuclei.csv (one\n"
+        "row per nucleus) and images.csv (one row per image)")
     own.add_argument("--images", nargs="+", type=Path, metavar="PATH",
                      help="image files and folders (a folder's images, sorted)")
     own.add_argument("--recursive", action="store_true", help="also the folders' sub-folders")

@@ -94,7 +94,7 @@ def test_several_channels_need_channel(tmp_path, threshold_model, capsys):
                        discs().astype(np.uint16) * 100])
     path = tmp_path / "in" / "cells.tif"
     path.parent.mkdir()
-    tifffile.imwrite(path, planes, metadata={"axes": "CYX"})
+    tifffile.imwrite(path, planes, photometric="minisblack", metadata={"axes": "CYX"})
     out = tmp_path / "out"
     assert run(threshold_model, [path], "--out-dir", out) == 1
     assert (f"warning: {path}: 3 planes (shape (3, 96, 128), axes CYX); choose the nuclei's "
