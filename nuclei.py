@@ -1,5 +1,7 @@
 """From a trained model's probabilities to nuclei: whole-image prediction, the watershed or
 connected components, the choice of their settings, and the competition's run-length format."""
+import weakref
+
 import numpy as np
 
 import config
@@ -160,14 +162,29 @@ def _multiple_of_16(n):
     return -(-n // 16) * 16
 
 
+_FORWARD = weakref.WeakKeyDictionary()
+
+
+def forward(model):
+    """model(x, training=False) compiled with XLA (once per input shape): Keras's eager call
+    keeps every layer's output until it returns, which made a 1280x1280 window cost 1.75 GB
+    against 0.7 GB compiled, and took longer (docs/performance.md)."""
+    import tensorflow as tf
+
+    if model not in _FORWARD:
+        _FORWARD[model] = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    return _FORWARD[model]
+
+
 def predict_window(model, padded, tta):
     """The probabilities (H, W, outputs) of an input whose sides are multiples of 16 (the four
     2x2 poolings); with `tta` the mean over the four flips, each undone."""
     flips = [(), (0,), (1,), (0, 1)] if tta else [()]
+    network = forward(model)
     total = 0
     for axes in flips:
         flipped = np.flip(padded, axis=axes) if axes else padded
-        out = model(flipped[None], training=False)[0].numpy()
+        out = network(np.ascontiguousarray(flipped[None]))[0].numpy()
         total = total + (np.flip(out, axis=axes) if axes else out)
     return total / len(flips)
 
