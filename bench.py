@@ -6,8 +6,9 @@ In one run:
 
 1. loading: the notebook's loop (one resize per mask) against data.load_train, cold and from
    the cache, and a check that both give the same arrays;
-2. the metric: unet.iou_metric_batch against the Kaggle kernel's on real masks and realistic
-   predictions (eroded, dilated, shifted, speckled, empty), time per batch and equality;
+2. the metric: unet.iou_metric_batch and unet.my_iou_metric (TensorFlow, compiled by XLA)
+   against the Kaggle kernel's on real masks and realistic predictions (eroded, dilated,
+   shifted, speckled, empty), time per batch and equality;
 3. the compute bound: TensorFlow's float32 matmul FLOP/s on this machine and the U-Net's FLOPs
    per image, hence the images/s training could reach if it ran at matmul speed;
 4. training: train.py's model and settings (unet.build_unet(), batch size, validation split),
@@ -167,6 +168,8 @@ def realistic_predictions(Y, seed=config.SEED):
 
 
 def bench_metric(Y):
+    import tensorflow as tf
+
     import unet
     from tests import reference
 
@@ -176,13 +179,20 @@ def bench_metric(Y):
     y_pred, kinds = realistic_predictions(Y[:n_batches * METRIC_BATCH])
     batches = [(y_true[i:i + METRIC_BATCH], y_pred[i:i + METRIC_BATCH])
                for i in range(0, len(y_true), METRIC_BATCH)]
-    # Warm up both (imports, first-call allocations).
+    # The tensors Keras hands the metric, already in TensorFlow.
+    tensors = [(tf.constant(t), tf.constant(p)) for t, p in batches]
+    # Warm up all three (imports, first-call allocations, XLA's compilation).
     unet.iou_metric_batch(*batches[0])
     reference.iou_metric_batch_notebook(*batches[0])
+    _, t_compile = timed(lambda: unet.my_iou_metric(*tensors[0]).numpy())
     fast, t_fast = timed(lambda: [unet.iou_metric_batch(t, p) for t, p in batches])
     slow, t_slow = timed(lambda: [reference.iou_metric_batch_notebook(t, p) for t, p in batches])
+    compiled, t_compiled = timed(lambda: [unet.my_iou_metric(t, p).numpy() for t, p in tensors])
     per_fast, per_slow = t_fast / n_batches * 1e3, t_slow / n_batches * 1e3
+    per_compiled = t_compiled / n_batches * 1e3
     identical = all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+    compiled_identical = all(np.array_equal(a, b) and a.dtype == b.dtype
+                             for a, b in zip(fast, compiled))
     per_image_same = all(
         unet.iou_metric(t, p) == reference.iou_metric_notebook(t, p)
         for t, p in zip(y_true, y_pred))
@@ -191,9 +201,12 @@ def bench_metric(Y):
     say(f"notebook (histogram2d) metric:  {per_slow:7.2f} ms per batch")
     say(f"unet.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
         f"{per_slow / per_fast:5.1f}x faster")
+    say(f"unet.my_iou_metric (XLA):       {per_compiled:7.2f} ms per batch   "
+        f"{per_slow / per_compiled:5.1f}x faster (compiling it took {t_compile:.1f} s)")
     say(f"  batch values identical: {identical}; per-image values identical: {per_image_same}; "
-        f"mean score {np.mean(fast):.4f}")
+        f"XLA metric's values identical: {compiled_identical}; mean score {np.mean(fast):.4f}")
     return dict(n_batches=n_batches, per_fast=per_fast, per_slow=per_slow,
+                per_compiled=per_compiled, compiled_identical=compiled_identical,
                 identical=identical and per_image_same, mean=float(np.mean(fast)))
 
 
@@ -364,6 +377,11 @@ def markdown(train_dir, load, metric, bound, training, others):
          f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
         ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
          "yes" if metric["identical"] else "**NO**", ""),
+        ("Metric", f"`unet.my_iou_metric` (TensorFlow, XLA), batch of {METRIC_BATCH}",
+         f"{metric['per_compiled']:.2f} ms", f"{metric['per_slow'] / metric['per_compiled']:.1f}x"),
+        ("Metric", "its values identical to `unet.iou_metric_batch`'s "
+         f"({metric['n_batches']} batches)", "yes" if metric["compiled_identical"] else "**NO**",
+         ""),
         ("Bound", f"float32 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
          f"{bound['f32'] / 1e9:.1f} GFLOP/s", ""),
         ("Bound", f"bfloat16 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
@@ -446,8 +464,8 @@ def main(argv=None):
     note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"
     say()
     say(markdown(args.train_dir, load, metric, bound, training, note))
-    if not (load["identical"] and metric["identical"]):
-        sys.exit("error: the fast loader or metric differs from the notebook's")
+    if not (load["identical"] and metric["identical"] and metric["compiled_identical"]):
+        sys.exit("error: the fast loader or a metric differs from the notebook's")
 
 
 if __name__ == "__main__":
