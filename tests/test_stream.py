@@ -58,6 +58,18 @@ def test_an_epoch_shows_every_image_once(sample):
     assert len({tuple(epoch) for epoch in epochs}) > 1  # a new order each epoch
 
 
+def test_a_resumed_stream_continues_where_it_was(sample):
+    """train.py resumes a run with `stream(batch_size).skip(finished batches)`: the batches after
+    the skip are the uninterrupted stream's, across an epoch's end (4 images, batches of 3)."""
+    inputs, labels, kinds = sample
+    store = data.crop_store(inputs, labels)
+    recipe = {**INSTANCE, "crop": 16}
+    whole = [x.numpy() for x, _ in train.crop_dataset(store, kinds, recipe, 3, 9).take(4)]
+    resumed = [x.numpy() for x, _ in train.crop_dataset(store, kinds, recipe, 3, 9).skip(2)
+               .take(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(whole[2:], resumed, strict=True))
+
+
 def test_stream_targets_are_the_targets_of_its_label_crops(sample):
     """Crop k of the stream is data.training_crop with the seed (seed, k); its targets equal
     data.instance_targets (SciPy) of the label crop, with the recipe's augmentation on."""
