@@ -501,7 +501,7 @@ def instance_targets(labels):
 def instance_targets_tf(labels):
     """instance_targets in TensorFlow, pixel for pixel: uint8 (H, W, 3) or (B, H, W, 3) targets
     of an int32 (H, W) or (B, H, W) label tensor, for the tf.data training stream (XLA compiles
-    it too). TensorFlow is imported here, so that the rest of this module stays without it."""
+    it too)."""
     import tensorflow as tf
 
     labels = tf.convert_to_tensor(labels)
