@@ -168,7 +168,7 @@ _FORWARD = weakref.WeakKeyDictionary()
 def forward(model):
     """model(x, training=False) compiled with XLA (once per input shape): Keras's eager call
     keeps every layer's output until it returns, which made a 1280x1280 window cost 1.75 GB
-    against 0.7 GB compiled, and took longer (docs/performance.md)."""
+    against 0.7 GB compiled, and took longer (docs/own_images.md)."""
     import tensorflow as tf
 
     if model not in _FORWARD:
