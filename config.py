@@ -101,6 +101,9 @@ RECIPES = {
         "seed_threshold": 0.5,   # contour and gap probability below which a nucleus pixel seeds
         "min_size": 32,          # smaller objects (pixels at full size) are dropped
         "tta": True,             # mean of the 4 flips
+        # Multi-scale test-time augmentation: the probabilities' mean over the input rescaled by
+        # each factor (nuclei.Predictor.probabilities_at_scale); [1.0] is none.
+        "scales": [1.0],
         # "auto": images whose nuclei come out over 1.5x off the training size are predicted
         # again, rescaled to it (nuclei.Predictor.resized)
         "rescale": "none",
@@ -115,7 +118,7 @@ RECIPES = {
 # Settings added to the recipes after models were saved with them: the value a model saved
 # without the setting was trained with.
 RECIPE_DEFAULTS = {"dropout": True, "holdout": "none", "intensity_augment": False,
-                   "stain_augment": False, "rescale": "none"}
+                   "stain_augment": False, "rescale": "none", "scales": [1.0]}
 
 # The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
 RECIPE_CHOICES = {
@@ -144,7 +147,8 @@ HELD_OUT_ACQUISITIONS = (
 
 # The recipe settings that only change how probabilities become nuclei: `predict.py --set` and
 # `--tune` may change them in a trained model; train.py ignores them when it compares recipes.
-POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta", "rescale")
+POST_SETTINGS = ("post", "threshold", "seed_threshold", "min_size", "tta", "rescale",
+                 "scales")
 
 # Prediction: images up to WHOLE_PIXELS (DSB2018's largest is 1040x1388) are predicted whole;
 # larger ones in TILE x TILE squares, each with TILE_MARGIN pixels of context on every side (at

@@ -595,6 +595,13 @@ def recipe_with(recipe, settings, allowed=None):
             raise InputError(f"--set {setting}: {key} is one of "
                              f"{', '.join(config.RECIPE_CHOICES[key])}")
         recipe[key] = value
+    scales = recipe.get("scales", [1.0])
+    if not scales or not all(type(s) in (int, float) and 0.25 <= s <= 4 for s in scales):
+        raise InputError(f"--set scales={json.dumps(scales)}: a list of input scales between "
+                         f"0.25 and 4, e.g. [0.7, 1, 1.4]")
+    if scales != [1.0] and recipe["input"] == "rgb_128":
+        raise InputError("--set scales: the notebook recipe shrinks every image to 128x128, so "
+                         "there is no scale to vary")
     if recipe.get("rescale") == "auto" and recipe["input"] == "rgb_128":
         raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
                          "128x128, so there is no nucleus size to match")

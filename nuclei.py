@@ -122,8 +122,27 @@ class Predictor:
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
             X = np.stack([data.shrink_image(data.display_image(image), size) for image in images])
             return list(self.model.predict(X, verbose=0))
-        return [predict_tiled(self.model, data.native_input(image, self.recipe),
-                              self.recipe["tta"]) for image in images]
+        return [self.probabilities_at_scale(image, 1.0) for image in images]
+
+    def probabilities_at_scale(self, image, scale):
+        """The full-size probabilities (H, W, outputs) of one image (H, W, 3) whose input is
+        rescaled by `scale`: the mean over the recipe's scales (multi-scale test-time
+        augmentation; [1.0] is none), each predicted at `scale` times that scale and its
+        probabilities rescaled back."""
+        x = data.native_input(image, self.recipe)
+        scales = self.recipe.get("scales", [1.0])
+        return sum(self._probabilities_of(x, scale * s) for s in scales) / len(scales)
+
+    def _probabilities_of(self, x, scale):
+        from skimage.transform import resize
+
+        if scale == 1:
+            return predict_tiled(self.model, x, self.recipe["tta"])
+        shape = x.shape[:2]
+        size = (max(round(shape[0] * scale), 16), max(round(shape[1] * scale), 16))
+        x = resize(x, size, order=1, anti_aliasing=scale < 1, preserve_range=True)
+        prob = predict_tiled(self.model, x.astype(np.float32), self.recipe["tta"])
+        return resize(prob, shape, order=1, preserve_range=True).astype(np.float32)
 
     def nuclei(self, images):
         return [self.resized(image, nuclei_labels(prob, image.shape[:2], self.recipe))
@@ -141,21 +160,12 @@ class Predictor:
 
     def nuclei_at_scale(self, image, scale):
         """The nuclei of one image (H, W, 3) whose nuclei are `1 / scale` times the training
-        size: the network's input rescaled by `scale`, its probabilities rescaled back, and
-        min_size with them."""
-        from skimage.transform import resize
-
+        size: probabilities_at_scale, and min_size rescaled with them."""
         if scale == 1:
-            prob = self.probabilities([image])[0]
-            return nuclei_labels(prob, image.shape[:2], self.recipe)
-        shape = image.shape[:2]
-        x = data.native_input(image, self.recipe)
-        size = (max(round(shape[0] * scale), 16), max(round(shape[1] * scale), 16))
-        x = resize(x, size, order=1, anti_aliasing=scale < 1, preserve_range=True)
-        prob = predict_tiled(self.model, x.astype(np.float32), self.recipe["tta"])
-        prob = resize(prob, shape, order=1, preserve_range=True).astype(np.float32)
+            return nuclei_labels(self.probabilities([image])[0], image.shape[:2], self.recipe)
+        prob = self.probabilities_at_scale(image, scale)
         recipe = {**self.recipe, "min_size": round(self.recipe.get("min_size", 0) / scale ** 2)}
-        return nuclei_labels(prob, shape, recipe)
+        return nuclei_labels(prob, image.shape[:2], recipe)
 
 
 def _multiple_of_16(n):

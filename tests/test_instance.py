@@ -184,6 +184,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ("crop=true", "--set crop=true: crop takes a int"),
         ("input=colour", "--set input=colour: input is one of grey_native, rgb_native"),
         ("outputs=1", "--set: the watershed needs the contour and gap outputs (outputs=3)"),
+        ("scales=[1,8]", "--set scales=[1, 8]: a list of input scales between 0.25 and 4"),
+        ("scales=[]", "--set scales=[]: a list of input scales between 0.25 and 4"),
     ]:
         with pytest.raises(SystemExit) as stop:
             train.main(["--recipe", "instance", "--set", setting, "--model-path",

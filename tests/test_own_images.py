@@ -212,3 +212,24 @@ def test_a_tile_border_through_a_nucleus_does_not_split_it(threshold_model, monk
                                 tta=False, tile=64, margin=32)
     labels = nuclei.nuclei_labels(prob, SHAPE, predictor.recipe)
     assert labels.max() == 1 and np.count_nonzero(labels) == disc(SHAPE, (64, 64), 12).sum()
+
+
+def test_scales_average_each_scales_probabilities(threshold_model):
+    import unet
+
+    model = unet.load_unet(threshold_model)
+    image = data.scaled_image(discs())
+
+    def predictor(scales):
+        recipe = data.recipe_with(config.RECIPES["instance"], [f"scales={json.dumps(scales)}"])
+        return nuclei.Predictor(model, recipe)
+
+    one, half, double = (predictor([s]).probabilities([image])[0] for s in (1.0, 0.5, 2.0))
+    assert one.shape == half.shape == double.shape == SHAPE + (3,)
+    assert np.allclose(predictor([0.5, 1, 2]).probabilities([image])[0],
+                       (half + one + double) / 3, atol=1e-6)
+    assert not np.allclose(half, one, atol=1e-3)
+    # A pixel-wise model sees the same discs at every scale: the same four nuclei, about as big.
+    labels = predictor([0.5, 1, 2]).nuclei([image])[0]
+    assert labels.max() == 4
+    assert abs(np.count_nonzero(labels) - 4 * disc(SHAPE, CENTRES[0], 9).sum()) <= 4 * 12
