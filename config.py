@@ -79,6 +79,7 @@ RECIPES = {
         # Nucleus, its 2-pixel inner contour, and the gaps where two nuclei touch.
         "outputs": 3,
         "loss": "bce_dice",
+        "gap_weight": 1.0,       # cross-entropy weight of the gaps between touching nuclei
         # No dropout: this small network underfits 30 minutes of crops rather than overfits, and
         # dropout's random numbers took a third of each step (see the README's table).
         "dropout": False,
@@ -118,7 +119,8 @@ RECIPES = {
 # Settings added to the recipes after models were saved with them: the value a model saved
 # without the setting was trained with.
 RECIPE_DEFAULTS = {"dropout": True, "holdout": "none", "intensity_augment": False,
-                   "stain_augment": False, "rescale": "none", "scales": [1.0]}
+                   "stain_augment": False, "rescale": "none", "scales": [1.0],
+                   "gap_weight": 1.0}
 
 # The values a text setting of the instance recipe can take (`--set KEY=VALUE`).
 RECIPE_CHOICES = {

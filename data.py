@@ -602,6 +602,10 @@ def recipe_with(recipe, settings, allowed=None):
     if scales != [1.0] and recipe["input"] == "rgb_128":
         raise InputError("--set scales: the notebook recipe shrinks every image to 128x128, so "
                          "there is no scale to vary")
+    if recipe.get("gap_weight", 1.0) != 1 and not (
+            recipe["loss"] == "bce_dice" and recipe["outputs"] == 3 and recipe["gap_weight"] > 0):
+        raise InputError(f"--set gap_weight={recipe['gap_weight']}: a positive weight of the gap "
+                         f"target, for loss=bce_dice with outputs=3")
     if recipe.get("rescale") == "auto" and recipe["input"] == "rgb_128":
         raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
                          "128x128, so there is no nucleus size to match")

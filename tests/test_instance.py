@@ -186,6 +186,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ("outputs=1", "--set: the watershed needs the contour and gap outputs (outputs=3)"),
         ("scales=[1,8]", "--set scales=[1, 8]: a list of input scales between 0.25 and 4"),
         ("scales=[]", "--set scales=[]: a list of input scales between 0.25 and 4"),
+        ("gap_weight=0", "--set gap_weight=0: a positive weight of the gap target"),
     ]:
         with pytest.raises(SystemExit) as stop:
             train.main(["--recipe", "instance", "--set", setting, "--model-path",

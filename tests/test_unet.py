@@ -101,3 +101,26 @@ def test_dropout_is_recipe_data_and_holds_no_weights():
     assert rates(with_dropout) == [0.1, 0.1, 0.2, 0.2, 0.3, 0.2, 0.2, 0.1, 0.1]
     assert rates(without) == []
     assert with_dropout.count_params() == without.count_params() == 1_940_851
+
+
+def test_gap_weight_multiplies_the_cross_entropy_of_gap_pixels(tmp_path):
+    import config
+
+    y_true = np.zeros((1, 2, 2, 3), np.uint8)
+    y_true[0, 0, 0] = (1, 1, 0)
+    y_true[0, 1, 1] = (1, 0, 1)  # one gap pixel
+    y_pred = np.full((1, 2, 2, 3), 0.25, np.float32)
+    bce = -np.where(y_true == 1, np.log(0.25), np.log(0.75))
+    dice = 1 - (2 * (y_true * y_pred).sum((0, 1, 2)) + 1) / ((y_true + y_pred).sum((0, 1, 2)) + 1)
+    weights = np.ones((1, 2, 2, 1))
+    weights[0, 1, 1] = 3
+    assert np.isclose(float(unet.bce_dice(y_true, y_pred)), bce.mean() + dice.mean(), atol=1e-6)
+    assert np.isclose(float(unet.bce_dice(y_true, y_pred, 3.0)),
+                      (bce * weights).mean() + dice.mean(), atol=1e-6)
+    # A gap-weighted model reloads with its loss (for --resume).
+    recipe = {**config.RECIPES["instance"], "gap_weight": 3.0}
+    model = unet.build_unet(recipe=recipe)
+    unet.save_atomic(model, tmp_path / "m.keras", recipe)
+    reloaded = unet.load_unet(tmp_path / "m.keras")
+    assert reloaded.loss.gap_weight == 3.0
+    assert np.isclose(float(reloaded.loss(y_true, y_pred)), float(unet.bce_dice(y_true, y_pred, 3.0)))
