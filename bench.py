@@ -1,4 +1,5 @@
-"""Measure loading, the metric, the machine's compute bound and training throughput.
+"""Measure loading, the metric, the machine's compute bound, training throughput, the instance
+recipe's training stream and both recipes' training steps.
 
 python bench.py --train-dir ../shared/data/dsb2018/stage1_train     # the full set, ~3-4 minutes
 
@@ -6,12 +7,20 @@ In one run:
 
 1. loading: the notebook's loop (one resize per mask) against data.load_train, cold and from
    the cache, and a check that both give the same arrays;
-2. the metric: unet.iou_metric_batch against the Kaggle kernel's on real masks and realistic
-   predictions (eroded, dilated, shifted, speckled, empty), time per batch and equality;
+2. the metric: unet.iou_metric_batch and unet.my_iou_metric (TensorFlow, compiled by XLA)
+   against the Kaggle kernel's on real masks and realistic predictions (eroded, dilated,
+   shifted, speckled, empty), time per batch and equality;
 3. the compute bound: TensorFlow's float32 matmul FLOP/s on this machine and the U-Net's FLOPs
    per image, hence the images/s training could reach if it ran at matmul speed;
 4. training: train.py's model and settings (unet.build_unet(), batch size, validation split),
-   steady-state epoch time, images/s and the fraction of the compute bound.
+   steady-state epoch time, images/s and the fraction of the compute bound;
+5. stream: the instance recipe's training stream alone (train.py's, on the training split), in
+   crops a second on one core and on all cores;
+6. steps: training steps alone on fixed tensors, so that what limits a fit shows: the instance
+   recipe's (a batch of the stream), and the notebook recipe's with its metric, with the NumPy
+   metric it replaced, and without a metric.
+
+python bench.py --sections stream steps    # only these (the notebook arrays from the cache)
 
 python bench.py --own-image big.tif --model-path models/instance.keras   # alone, in its process
 
@@ -40,6 +49,12 @@ import train
 MATMUL_N = 4096
 MATMUL_REPEATS = 5
 METRIC_BATCH = 16
+# The stream's batches timed after its warm-up batches (tracing, starting the threads), and
+# the training steps timed.
+STREAM_BATCHES = 30
+STREAM_WARM_UP = 3
+STEPS = 10
+SECTIONS = ("loading", "metric", "bound", "training", "stream", "steps")
 
 
 def parse_args(argv):
@@ -48,6 +63,10 @@ def parse_args(argv):
                         help="DSB2018 folder of <id>/images and <id>/masks")
     parser.add_argument("--epochs", type=int, default=3,
                         help="training epochs to time; the first (tracing) is excluded, so >= 2")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        metavar="SECTION",
+                        help=f"measure only these ({', '.join(SECTIONS)}); without loading, "
+                             "the arrays come from the cache")
     parser.add_argument("--own-image", type=Path, metavar="PATH",
                         help="instead, time one image of your own as `predict.py --images` "
                              "segments it (network and post-processing, seconds per megapixel) "
@@ -167,6 +186,8 @@ def realistic_predictions(Y, seed=config.SEED):
 
 
 def bench_metric(Y):
+    import tensorflow as tf
+
     import unet
     from tests import reference
 
@@ -176,13 +197,20 @@ def bench_metric(Y):
     y_pred, kinds = realistic_predictions(Y[:n_batches * METRIC_BATCH])
     batches = [(y_true[i:i + METRIC_BATCH], y_pred[i:i + METRIC_BATCH])
                for i in range(0, len(y_true), METRIC_BATCH)]
-    # Warm up both (imports, first-call allocations).
+    # The tensors Keras hands the metric, already in TensorFlow.
+    tensors = [(tf.constant(t), tf.constant(p)) for t, p in batches]
+    # Warm up all three (imports, first-call allocations, XLA's compilation).
     unet.iou_metric_batch(*batches[0])
     reference.iou_metric_batch_notebook(*batches[0])
+    _, t_compile = timed(lambda: unet.my_iou_metric(*tensors[0]).numpy())
     fast, t_fast = timed(lambda: [unet.iou_metric_batch(t, p) for t, p in batches])
     slow, t_slow = timed(lambda: [reference.iou_metric_batch_notebook(t, p) for t, p in batches])
+    compiled, t_compiled = timed(lambda: [unet.my_iou_metric(t, p).numpy() for t, p in tensors])
     per_fast, per_slow = t_fast / n_batches * 1e3, t_slow / n_batches * 1e3
+    per_compiled = t_compiled / n_batches * 1e3
     identical = all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+    compiled_identical = all(np.array_equal(a, b) and a.dtype == b.dtype
+                             for a, b in zip(fast, compiled))
     per_image_same = all(
         unet.iou_metric(t, p) == reference.iou_metric_notebook(t, p)
         for t, p in zip(y_true, y_pred))
@@ -191,9 +219,12 @@ def bench_metric(Y):
     say(f"notebook (histogram2d) metric:  {per_slow:7.2f} ms per batch")
     say(f"unet.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
         f"{per_slow / per_fast:5.1f}x faster")
+    say(f"unet.my_iou_metric (XLA):       {per_compiled:7.2f} ms per batch   "
+        f"{per_slow / per_compiled:5.1f}x faster (compiling it took {t_compile:.1f} s)")
     say(f"  batch values identical: {identical}; per-image values identical: {per_image_same}; "
-        f"mean score {np.mean(fast):.4f}")
+        f"XLA metric's values identical: {compiled_identical}; mean score {np.mean(fast):.4f}")
     return dict(n_batches=n_batches, per_fast=per_fast, per_slow=per_slow,
+                per_compiled=per_compiled, compiled_identical=compiled_identical,
                 identical=identical and per_image_same, mean=float(np.mean(fast)))
 
 
@@ -336,6 +367,94 @@ def bench_training(X, Y, train_dir, epochs, bound):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. The instance recipe's training stream
+
+
+def bench_stream(train_dir, batches=STREAM_BATCHES):
+    """train.py's instance-recipe stream alone, in crops a second: on one core (tf.data's
+    private thread pool of one thread, one thread inside each operation) and on all of them.
+    Returns the rates and one batch, the fixed tensors of the training step."""
+    import argparse as arguments
+
+    import tensorflow as tf
+
+    say("== 5. Instance stream " + "=" * 62)
+    recipe = config.RECIPES["instance"]
+    with contextlib.redirect_stdout(sys.stderr):
+        stream, n_train, _, _ = train.load_instance_data(
+            arguments.Namespace(train_dir=train_dir, seed=config.SEED), recipe)
+    one_core = tf.data.Options()
+    one_core.threading.private_threadpool_size = 1
+    one_core.threading.max_intra_op_parallelism = 1
+    result = dict(n_train=n_train, batch=recipe["batch_size"])
+    for name, options in (("one_core", one_core), ("all_cores", tf.data.Options())):
+        batches_of = iter(stream(recipe["batch_size"]).with_options(options))
+        first = [next(batches_of) for _ in range(STREAM_WARM_UP)][0]  # tracing, pool start
+        _, seconds = timed(lambda: [next(batches_of) for _ in range(batches)])
+        result[name] = batches * recipe["batch_size"] / seconds
+        say(f"{n_train} training images, crops of {recipe['crop']}x{recipe['crop']}, "
+            f"{name.replace('_', ' ')}: {result[name]:7.1f} crops/s")
+    result["scaling"] = result["all_cores"] / result["one_core"]
+    say(f"all {os.cpu_count()} cores / one: {result['scaling']:.2f}x")
+    return result, first
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Training steps alone, on fixed tensors
+
+
+def time_steps(model, x, y, steps=STEPS):
+    """Seconds per training step (train_on_batch) after two warm-up steps (compilation)."""
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    _, seconds = timed(lambda: [model.train_on_batch(x, y) for _ in range(steps)])
+    return seconds / steps
+
+
+def bench_steps(X, Y, instance_batch):
+    """The instance recipe's step (XLA, in train.py's precision on this CPU) on one batch of the
+    stream, and the notebook recipe's step on its first 16 images with its metric (TensorFlow,
+    XLA), with the NumPy metric it replaced (tf.numpy_function, as before), and without."""
+    import keras
+    import tensorflow as tf
+
+    import unet
+
+    say("== 6. Training steps on fixed tensors " + "=" * 46)
+    recipe = config.RECIPES["instance"]
+    policy = "mixed_bfloat16" if train.cpu_has_bfloat16() else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(config.SEED)
+    x, y = instance_batch
+    result = dict(instance=time_steps(unet.build_unet(recipe=recipe, steps=100), x, y),
+                  policy=policy, instance_batch=int(x.shape[0]))
+    keras.mixed_precision.set_global_policy("float32")
+    say(f"instance recipe ({policy}, XLA), batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}:"
+        f" {result['instance'] * 1e3:7.0f} ms a step = {x.shape[0] / result['instance']:.1f} "
+        f"crops/s")
+
+    def numpy_metric(label, pred):
+        value = tf.numpy_function(unet.iou_metric_batch, [label, pred], tf.float32,
+                                  stateful=False)
+        value.set_shape([])
+        return value
+
+    x, y = X[:config.BATCH_SIZE], Y[:config.BATCH_SIZE].astype("float32")
+    for name, metrics in (("xla_metric", None), ("numpy_metric", [numpy_metric]),
+                          ("no_metric", [])):
+        keras.utils.set_random_seed(config.SEED)
+        model = unet.build_unet()
+        if metrics is not None:  # build_unet's compile with another metric or none; XLA cannot
+            # compile the NumPy one (Keras would try on a GPU)
+            model.compile(optimizer="adam", loss="binary_crossentropy", metrics=metrics,
+                          jit_compile=False if metrics else "auto")
+        result[name] = time_steps(model, x, y)
+        say(f"notebook recipe, batch of {len(x)}, {name.replace('_', ' ')}: "
+            f"{result[name] * 1e3:7.1f} ms a step")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def other_cpu_note(seconds, wall):
@@ -347,36 +466,55 @@ def other_cpu_note(seconds, wall):
                    else "")
 
 
-def markdown(train_dir, load, metric, bound, training, others):
-    rows = [
-        ("Loading", "notebook loop (one resize per mask)", f"{load['t_notebook']:.2f} s", "1x"),
-        ("Loading", "`data.load_train`, cold", f"{load['t_cold']:.2f} s",
-         f"{load['t_notebook'] / load['t_cold']:.1f}x"),
-        ("Loading", "`data.load_train`, building the cache", f"{load['t_build']:.2f} s",
-         f"{load['t_notebook'] / load['t_build']:.1f}x"),
-        ("Loading", "`data.load_train`, from the cache", f"{load['t_cached']:.3f} s",
-         f"{load['t_notebook'] / load['t_cached']:.0f}x"),
-        ("Loading", "arrays (X, Y, ids) identical to the notebook loop's",
-         "yes" if load["identical"] else "**NO**", ""),
-        ("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{metric['per_slow']:.2f} ms",
-         "1x"),
-        ("Metric", f"`unet.iou_metric_batch`, batch of {METRIC_BATCH}",
-         f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
-        ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
-         "yes" if metric["identical"] else "**NO**", ""),
-        ("Bound", f"float32 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
-         f"{bound['f32'] / 1e9:.1f} GFLOP/s", ""),
-        ("Bound", f"bfloat16 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
-         f"{bound['bf16'] / 1e9:.1f} GFLOP/s", ""),
-        ("Bound", "U-Net forward FLOPs per image (convolutions)",
-         f"{bound['forward'] / 1e9:.3f} GFLOP", ""),
-        ("Bound", "training FLOPs per image (3 x forward)",
-         f"{bound['train_per_image'] / 1e9:.3f} GFLOP", ""),
-        ("Bound", "compute-bound training speed (float32)", f"{bound['bound']:.1f} images/s",
-         ""),
-        ("Training", "first epoch (includes tracing)", f"{training['first']:.2f} s", ""),
-    ]
-    if "epoch" in training:
+def markdown(train_dir, n_images, results, others):
+    """The results of the sections measured as one Markdown table."""
+    load, metric, bound, training = (results.get(name) for name in SECTIONS[:4])
+    stream, steps = results.get("stream"), results.get("steps")
+    rows = []
+    if load:
+        rows += [
+            ("Loading", "notebook loop (one resize per mask)", f"{load['t_notebook']:.2f} s", "1x"),
+            ("Loading", "`data.load_train`, cold", f"{load['t_cold']:.2f} s",
+             f"{load['t_notebook'] / load['t_cold']:.1f}x"),
+            ("Loading", "`data.load_train`, building the cache", f"{load['t_build']:.2f} s",
+             f"{load['t_notebook'] / load['t_build']:.1f}x"),
+            ("Loading", "`data.load_train`, from the cache", f"{load['t_cached']:.3f} s",
+             f"{load['t_notebook'] / load['t_cached']:.0f}x"),
+            ("Loading", "arrays (X, Y, ids) identical to the notebook loop's",
+             "yes" if load["identical"] else "**NO**", ""),
+        ]
+    if metric:
+        rows += [
+            ("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{metric['per_slow']:.2f} ms",
+             "1x"),
+            ("Metric", f"`unet.iou_metric_batch`, batch of {METRIC_BATCH}",
+             f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
+            ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
+             "yes" if metric["identical"] else "**NO**", ""),
+            ("Metric", f"`unet.my_iou_metric` (TensorFlow, XLA), batch of {METRIC_BATCH}",
+             f"{metric['per_compiled']:.2f} ms",
+             f"{metric['per_slow'] / metric['per_compiled']:.1f}x"),
+            ("Metric", "its values identical to `unet.iou_metric_batch`'s "
+             f"({metric['n_batches']} batches)",
+             "yes" if metric["compiled_identical"] else "**NO**", ""),
+        ]
+    if bound:
+        rows += [
+            ("Bound", f"float32 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
+             f"{bound['f32'] / 1e9:.1f} GFLOP/s", ""),
+            ("Bound", f"bfloat16 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
+             f"{bound['bf16'] / 1e9:.1f} GFLOP/s", ""),
+            ("Bound", "U-Net forward FLOPs per image (convolutions)",
+             f"{bound['forward'] / 1e9:.3f} GFLOP", ""),
+            ("Bound", "training FLOPs per image (3 x forward)",
+             f"{bound['train_per_image'] / 1e9:.3f} GFLOP", ""),
+            ("Bound", "compute-bound training speed (float32)", f"{bound['bound']:.1f} images/s",
+             ""),
+        ]
+    if training:
+        rows.append(("Training", "first epoch (includes tracing)", f"{training['first']:.2f} s",
+                     ""))
+    if training and "epoch" in training:
         rows += [
             ("Training", "steady-state epoch, with validation",
              f"{training['epoch']:.2f} s", f"{training['ips_epoch']:.1f} images/s"),
@@ -387,10 +525,30 @@ def markdown(train_dir, load, metric, bound, training, others):
              f"{training['best_train']:.2f} s",
              f"{training['n_train'] / training['best_train']:.1f} images/s"),
         ]
-    lines = [
-        f"Benchmark: `{train_dir}`, {len(load['ids'])} images, {os.cpu_count()} CPUs, "
-        f"batch size {config.BATCH_SIZE}, {training['n_train']} training / "
-        f"{training['n_val']} validation images, {len(training['rows'])} epochs.",
+    if stream:
+        rows += [
+            ("Stream", f"instance recipe's crops, {stream['n_train']} training images, one core",
+             f"{stream['one_core']:.1f} crops/s", ""),
+            ("Stream", f"the same, all {os.cpu_count()} cores",
+             f"{stream['all_cores']:.1f} crops/s", f"{stream['scaling']:.2f}x"),
+        ]
+    if steps:
+        rows += [
+            ("Steps", f"instance recipe, batch of {steps['instance_batch']} "
+             f"({steps['policy']}, XLA)", f"{steps['instance'] * 1e3:.0f} ms",
+             f"{steps['instance_batch'] / steps['instance']:.1f} crops/s"),
+            ("Steps", f"notebook recipe, batch of {config.BATCH_SIZE}, metric in TensorFlow (XLA)",
+             f"{steps['xla_metric'] * 1e3:.1f} ms", ""),
+            ("Steps", "the same, NumPy metric (`tf.numpy_function`, as before)",
+             f"{steps['numpy_metric'] * 1e3:.1f} ms", ""),
+            ("Steps", "the same, no metric", f"{steps['no_metric'] * 1e3:.1f} ms", ""),
+        ]
+    lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs."]
+    if training:
+        lines[0] += (f" Training: batch size {config.BATCH_SIZE}, {training['n_train']} "
+                     f"training / {training['n_val']} validation images, "
+                     f"{len(training['rows'])} epochs.")
+    lines += [
         "",
         "| Part | Measurement | Value | Speed-up / rate |",
         "|---|---|---:|---:|",
@@ -435,19 +593,35 @@ def main(argv=None):
     if args.epochs < 1:
         sys.exit("error: --epochs must be at least 1")
     others, start = OtherCPU(), time.perf_counter()
+    sections, results = set(args.sections), {}
     try:
-        load = bench_loading(args.train_dir)
+        if "loading" in sections:
+            results["loading"] = bench_loading(args.train_dir)
+            X, Y, ids = (results["loading"][name] for name in ("X", "Y", "ids"))
+        else:
+            X, Y, ids = quiet_load(args.train_dir, config.CACHE_DIR)
+        if "metric" in sections:
+            results["metric"] = bench_metric(Y)
+        if "bound" in sections or "training" in sections:
+            results["bound"] = bench_bound()
+        if "training" in sections:
+            training = bench_training(X, Y, args.train_dir, args.epochs,
+                                      results["bound"]["bound"])
+            results["training"] = training
+            say(other_cpu_note(training["others"], sum(r[0] for r in training["rows"]))
+                + " (training)")
+        if "stream" in sections or "steps" in sections:  # the steps train on its batch
+            results["stream"], instance_batch = bench_stream(args.train_dir)
+        if "steps" in sections:
+            results["steps"] = bench_steps(X, Y, instance_batch)
     except files.InputError as error:
         sys.exit(f"error: {error}")
-    metric = bench_metric(load["Y"])
-    bound = bench_bound()
-    training = bench_training(load["X"], load["Y"], args.train_dir, args.epochs, bound["bound"])
-    say(other_cpu_note(training["others"], sum(r[0] for r in training["rows"])) + " (training)")
     note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"
     say()
-    say(markdown(args.train_dir, load, metric, bound, training, note))
-    if not (load["identical"] and metric["identical"]):
-        sys.exit("error: the fast loader or metric differs from the notebook's")
+    say(markdown(args.train_dir, len(ids), results, note))
+    if not all(results[name][key] for name, key in (("loading", "identical"),
+               ("metric", "identical"), ("metric", "compiled_identical")) if name in results):
+        sys.exit("error: the fast loader or a metric differs from the notebook's")
 
 
 if __name__ == "__main__":

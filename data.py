@@ -18,8 +18,11 @@ Two things keep it that way on today's stack and make it fast:
   image instead of once per mask. Files are decoded on all cores (Pillow and zlib release the
   GIL), and the arrays are cached, keyed by the folder's files and the settings.
 
-No TensorFlow here, so the data tests and `--help` stay fast.
+TensorFlow is imported only inside the functions of the instance recipe's training stream
+(crop_store, training_crop, intensity_jitter, instance_targets_tf), so that the data tests and
+`--help` stay fast.
 """
+import functools
 import hashlib
 import json
 import os
@@ -495,72 +498,200 @@ def instance_targets(labels):
     return np.stack([nucleus, contour, gap], axis=-1).astype(np.uint8)
 
 
+def instance_targets_tf(labels):
+    """instance_targets in TensorFlow, pixel for pixel: uint8 (H, W, 3) or (B, H, W, 3) targets
+    of an int32 (H, W) or (B, H, W) label tensor, for the tf.data training stream (XLA compiles
+    it too)."""
+    import tensorflow as tf
+
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank not in (2, 3):
+        raise ValueError(f"labels are (H, W) or (B, H, W), not of shape {labels.shape}")
+    x = labels[None] if labels.shape.rank == 2 else labels
+    height, width = tf.shape(x)[1], tf.shape(x)[2]
+
+    def window(values, size, combine, outside):
+        """`combine` (tf.maximum or tf.minimum) over size x size windows, one axis after the
+        other. SciPy's mode="nearest" repeats edge values, which a window crossing the border
+        already holds: for a maximum or minimum that is the window cut at the border, so the
+        padding holds a value that never wins. (Shifted slices: tf.nn.max_pool2d at stride 1
+        took ten times longer outside XLA.)"""
+        r = size // 2
+        padded = tf.pad(values, [[0, 0], [r, r], [r, r]], constant_values=outside)
+        rows = functools.reduce(combine, [padded[:, k:k + height] for k in range(size)])
+        return functools.reduce(combine, [rows[:, :, k:k + width] for k in range(size)])
+
+    def window_max(values, size):
+        return window(values, size, tf.maximum, values.dtype.min)
+
+    def window_min(values, size):
+        return window(values, size, tf.minimum, values.dtype.max)
+
+    nucleus = x > 0
+    contour = nucleus & ((window_max(x, 5) != x) | (window_min(x, 5) != x))
+    # Background counts as the largest label for the lowest, so that it never hides a nucleus.
+    highest = window_max(x, 3)
+    lowest = window_min(tf.where(nucleus, x, labels.dtype.max), 3)
+    gap = (highest > 0) & (lowest < highest)
+    targets = tf.cast(tf.stack([nucleus, contour, gap], axis=-1), tf.uint8)
+    return targets[0] if labels.shape.rank == 2 else targets
+
+
 def pad_to(array, height, width):
     """`array` (H, W, ...) reflect-padded at the bottom and right to at least height x width."""
     pad = [(0, max(height - array.shape[0], 0)), (0, max(width - array.shape[1], 0))]
     return np.pad(array, pad + [(0, 0)] * (array.ndim - 2), mode="reflect")
 
 
-def training_crop(x, labels, recipe, rng):
-    """One augmented training pair from a full-size input (H, W, C) and its label image: a
-    random square window, rescaled to the recipe's crop size (nucleus sizes differ several-fold
-    between kinds of image), flipped and turned, brightness and contrast jittered; targets
-    computed after the rescale, so contours stay 2 pixels wide. With `stain_augment` the input
-    is native_input's three channels, mixed into grey with random weights (a stain or a camera
-    that renders nuclei differently); with `intensity_augment`, gamma, blur, noise, a background
-    gradient and a wider contrast range (dim, uneven, out-of-focus acquisitions). Returns
-    float32 (S, S, C) and uint8 (S, S, outputs)."""
+def crop_store(inputs, labels):
+    """Training images of different sizes as the tf.data stream reads them: every input's
+    pixels in one (pixels, C) float32 tensor and every label image in one int32 vector, each
+    image at an offset, with its height and width. Graph ops gather crops from them, so the
+    stream's workers never enter Python."""
+    import tensorflow as tf
+
+    shapes = np.array([x.shape[:2] for x in inputs], np.int64)
+    sizes = shapes.prod(axis=1)
+    return {"pixels": tf.constant(np.concatenate([x.reshape(-1, x.shape[2]) for x in inputs])),
+            "labels": tf.constant(np.concatenate([y.ravel() for y in labels]).astype(np.int32)),
+            "offsets": tf.constant(np.cumsum(sizes) - sizes),
+            "shapes": tf.constant(shapes)}
+
+
+def _reflect(index, length):
+    """Indices into an axis of `length`, continued past its end as numpy.pad's "reflect" mode
+    continues it (edge not repeated, any number of times over)."""
+    import tensorflow as tf
+
+    period = tf.maximum(2 * (length - 1), 1)
+    index = index % period
+    return tf.where(index < length, index, period - index)
+
+
+def _resize_axis(top, window, size, length, bilinear):
+    """Where output rows (or columns) 0..size-1 of a `window` starting at `top` come from, on
+    an image axis of `length` padded by reflection: skimage's resize grid (output pixel o at
+    (o + 0.5) * window / size - 0.5). Bilinear: the two source indices and the second's weight,
+    the window continued by reflection (mode="reflect"); else the nearest index, the window's
+    edge repeated (mode="edge")."""
+    import tensorflow as tf
+
+    coords = ((tf.range(size, dtype=tf.float64) + 0.5) * tf.cast(window, tf.float64) / size
+              - 0.5)
+    if not bilinear:
+        nearest = tf.clip_by_value(tf.cast(tf.floor(coords + 0.5), tf.int64), 0, window - 1)
+        return _reflect(top + nearest, length)
+    low = tf.floor(coords)
+    weight = tf.cast(coords - low, tf.float32)
+    low = tf.cast(low, tf.int64)
+    return (_reflect(top + _reflect(low, window), length),
+            _reflect(top + _reflect(low + 1, window), length), weight)
+
+
+def training_crop(store, n, seed, recipe):
+    """One augmented training pair from image n of a crop_store, in TensorFlow operations: a
+    random square window (the image reflect-padded at the bottom and right when smaller),
+    rescaled to the recipe's crop size by a random factor (nucleus sizes differ several-fold
+    between kinds of image; bilinear for the input, nearest neighbour for the labels), flipped
+    and turned; with `stain_augment` the input's three channels mixed into grey with random
+    weights (a stain or a camera that renders nuclei differently); then intensity_jitter, or
+    with augment alone brightness and contrast. Every random number comes from `seed` (two
+    int64), so an element depends on its seed only. Returns float32 (S, S, C) and the int32
+    (S, S) label crop, whose instance_targets_tf are the targets."""
+    import tensorflow as tf
+
+    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12)))
     size = recipe["crop"]
-    scale = 1.0
+    height, width = store["shapes"][n][0], store["shapes"][n][1]
+    window = tf.constant(size, tf.int64)
     if recipe["augment"]:
         low, high = np.log(recipe["scale_range"])
-        scale = float(np.exp(rng.uniform(low, high)))
-    window = max(round(size / scale), 8)
-    x, labels = pad_to(x, window, window), pad_to(labels, window, window)
-    top = rng.integers(0, x.shape[0] - window + 1)
-    left = rng.integers(0, x.shape[1] - window + 1)
-    x = x[top:top + window, left:left + window]
-    labels = labels[top:top + window, left:left + window]
+        scale = tf.exp(tf.random.stateless_uniform([], next(seeds), low, high, tf.float64))
+        window = tf.maximum(tf.cast(tf.round(size / scale), tf.int64), 8)
+    top = tf.random.stateless_uniform([], next(seeds), 0, tf.maximum(height, window) - window + 1,
+                                      tf.int64)
+    left = tf.random.stateless_uniform([], next(seeds), 0, tf.maximum(width, window) - window + 1,
+                                       tf.int64)
+
+    def gather(values, rows, cols):
+        return tf.gather(values, store["offsets"][n] + rows[:, None] * width + cols[None, :])
+
+    rows = _resize_axis(top, window, size, height, bilinear=False)
+    cols = _resize_axis(left, window, size, width, bilinear=False)
+    labels = gather(store["labels"], rows, cols)
+    (row0, row1, down), (col0, col1, right) = (
+        _resize_axis(top, window, size, height, bilinear=True),
+        _resize_axis(left, window, size, width, bilinear=True))
+    down, right = down[:, None, None], right[None, :, None]
+    x = ((gather(store["pixels"], row0, col0) * (1 - right)
+          + gather(store["pixels"], row0, col1) * right) * (1 - down)
+         + (gather(store["pixels"], row1, col0) * (1 - right)
+            + gather(store["pixels"], row1, col1) * right) * down)
     if recipe.get("stain_augment"):
-        x = x @ rng.dirichlet([STAIN_CONCENTRATION] * x.shape[2])[:, None]
-    if window != size:
-        x = resize(x, (size, size), order=1, mode="reflect", anti_aliasing=False)
-        labels = resize(labels, (size, size), order=0, mode="edge", anti_aliasing=False,
-                        preserve_range=True).astype(np.int32)
-    y = instance_targets(labels)[..., :recipe["outputs"]]
+        # Dirichlet weights: independent Gamma draws, normalised.
+        mix = tf.random.stateless_gamma([x.shape[2]], next(seeds), STAIN_CONCENTRATION)
+        x = tf.reduce_sum(x * mix / tf.reduce_sum(mix), axis=2, keepdims=True)
     if recipe["augment"]:
-        turns, flip = rng.integers(4), rng.integers(2)
-        x, y = np.rot90(x, turns), np.rot90(y, turns)
-        if flip:
-            x, y = x[:, ::-1], y[:, ::-1]
+        turns = tf.random.stateless_uniform([], next(seeds), 0, 4, tf.int32)
+        flip = tf.random.stateless_uniform([], next(seeds), 0, 2, tf.int32) > 0
+        x, labels = tf.image.rot90(x, turns), tf.image.rot90(labels[..., None], turns)[..., 0]
+        x = tf.where(flip, x[:, ::-1], x)
+        labels = tf.where(flip, labels[:, ::-1], labels)
         if recipe.get("intensity_augment"):
-            x = intensity_jitter(x, rng)
+            x = intensity_jitter(x, next(seeds))
         else:
-            x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.2, 0.2)
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y)
+            contrast = tf.random.stateless_uniform([], next(seeds), 0.7, 1.3)
+            x = x * contrast + tf.random.stateless_uniform([], next(seeds), -0.2, 0.2)
+    return x, labels
 
 
 # Stain mixing weights come from a Dirichlet distribution with this concentration per channel:
 # 4 keeps them around a third each (the grey input), at times one channel twice the others.
 STAIN_CONCENTRATION = 4.0
+# Blur's largest sigma, and SciPy's gaussian_filter's reach: the kernel is cut at 4 sigmas.
+MAX_BLUR = 1.5
+BLUR_RADIUS = int(4 * MAX_BLUR + 0.5)
 
 
-def intensity_jitter(x, rng):
-    """A scaled input (S, S, C) as another acquisition might show it: gamma 0.5 to 2 (dim or
-    washed-out nuclei), out of focus or noisy a third of the time each, a linear background
-    gradient a third of the time, contrast 0.5 to 1.5 and an offset of up to 0.2."""
-    from scipy import ndimage
+def intensity_jitter(x, seed):
+    """A scaled input (S, S, C) as another acquisition might show it, in TensorFlow operations:
+    gamma 0.5 to 2 (dim or washed-out nuclei), out of focus (a Gaussian blur of sigma 0.5 to
+    1.5, as SciPy's gaussian_filter with its "reflect" border) or noisy (sigma 0.01 to 0.1) a
+    third of the time each, a linear background gradient a third of the time, contrast 0.5 to
+    1.5 and an offset of up to 0.2. Random numbers from `seed` (two int64)."""
+    import tensorflow as tf
 
-    x = np.clip(x, 0, None) ** np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
-    if rng.random() < 1 / 3:
-        x = ndimage.gaussian_filter(x, (*[rng.uniform(0.5, 1.5)] * 2, 0))
-    if rng.random() < 1 / 3:
-        x = x + rng.normal(0, rng.uniform(0.01, 0.1), x.shape)
-    if rng.random() < 1 / 3:
-        rows, cols = np.linspace(-0.5, 0.5, x.shape[0]), np.linspace(-0.5, 0.5, x.shape[1])
-        slope = rng.uniform(-0.3, 0.3, 2)
-        x = x + (slope[0] * rows[:, None, None] + slope[1] * cols[None, :, None])
-    return x * rng.uniform(0.5, 1.5) + rng.uniform(-0.2, 0.2)
+    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 10)))
+
+    def uniform(low, high, shape=()):
+        return tf.random.stateless_uniform(shape, next(seeds), low, high)
+
+    def chance():
+        return uniform(0.0, 1.0) < 1 / 3
+
+    x = tf.maximum(x, 0) ** tf.exp(uniform(np.log(0.5), np.log(2.0)))
+    blur, sigma = chance(), uniform(0.5, MAX_BLUR)
+    # SciPy's kernel: exp(-t^2 / 2 sigma^2) out to int(4 sigma + 0.5) pixels, normalised.
+    t = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
+    kernel = tf.where(tf.abs(t) <= tf.floor(4 * sigma + 0.5), tf.exp(-0.5 * (t / sigma) ** 2), 0)
+    kernel /= tf.reduce_sum(kernel)
+
+    def blurred():
+        channels = tf.transpose(x, [2, 0, 1])[..., None]  # each channel its own image
+        padded = tf.pad(channels, [[0, 0], [BLUR_RADIUS] * 2, [BLUR_RADIUS] * 2, [0, 0]],
+                        mode="SYMMETRIC")
+        rows = tf.nn.conv2d(padded, kernel[:, None, None, None], 1, "VALID")
+        both = tf.nn.conv2d(rows, kernel[None, :, None, None], 1, "VALID")
+        return tf.transpose(both[..., 0], [1, 2, 0])
+
+    x = tf.cond(blur, blurred, lambda: x)
+    noisy, noise = chance(), uniform(0.01, 0.1)
+    x = tf.where(noisy, x + noise * tf.random.stateless_normal(tf.shape(x), next(seeds)), x)
+    gradient, slope = chance(), uniform(-0.3, 0.3, [2])
+    rows = tf.linspace(-0.5, 0.5, tf.shape(x)[0])[:, None, None]
+    cols = tf.linspace(-0.5, 0.5, tf.shape(x)[1])[None, :, None]
+    x = tf.where(gradient, x + (slope[0] * rows + slope[1] * cols), x)
+    return x * uniform(0.5, 1.5) + uniform(-0.2, 0.2)
 
 
 def centre_crop(x, labels, recipe):

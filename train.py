@@ -108,29 +108,40 @@ def training_dataset(X, Y, batch_size, seed):
             .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
 
 
-def crop_dataset(inputs, labels, kinds, recipe, batch_size, seed):
-    """The instance recipe's training stream: every epoch as many random augmented crops
-    (data.training_crop) as there are training images: one of each image in a new order, or
-    with `balance_kinds` images drawn so that each kind of image gets a share proportional to
-    the square root of its count (rare kinds seen more often, without repeating their few
-    images endlessly)."""
+def crop_dataset(store, kinds, recipe, batch_size, seed):
+    """The instance recipe's training stream from a data.crop_store: every epoch as many random
+    augmented crops (data.training_crop) as there are training images: one of each image in a
+    new order, or with `balance_kinds` images drawn so that each kind of image gets a share
+    proportional to the square root of its count (rare kinds seen more often, without
+    repeating their few images endlessly).
+
+    A parallel tf.data pipeline of TensorFlow operations: the crops are made on every core,
+    outside Python's lock (the Python generator it replaces made 27 crops a second on one
+    core). Crop k of the stream draws its random numbers from (seed, k) alone, and the map
+    keeps the stream's order, so that a seed gives the same batches and a resumed run can skip
+    the batches it has trained on."""
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    size = recipe["crop"]
+    images = len(kinds)
     counts = {kind: kinds.count(kind) for kind in set(kinds)}
-    weights = np.array([counts[kind] ** -0.5 for kind in kinds])
+    log_weights = tf.math.log(tf.constant([[counts[kind] ** -0.5 for kind in kinds]]))
 
-    def crops():
-        while True:
-            order = (rng.choice(len(inputs), size=len(inputs), p=weights / weights.sum())
-                     if recipe["balance_kinds"] else rng.permutation(len(inputs)))
-            for n in order:
-                yield data.training_crop(inputs[n], labels[n], recipe, rng)
+    def epoch_order(epoch):
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - epoch])  # apart from crops'
+        if recipe["balance_kinds"]:
+            order = tf.random.stateless_categorical(log_weights, images, epoch_seed)[0]
+        else:
+            order = tf.random.experimental.stateless_shuffle(tf.range(images, dtype=tf.int64),
+                                                             epoch_seed)
+        return tf.data.Dataset.from_tensor_slices(order)
 
-    signature = (tf.TensorSpec((size, size, data.INPUT_CHANNELS[recipe["input"]]), tf.float32),
-                 tf.TensorSpec((size, size, recipe["outputs"]), tf.uint8))
-    return (tf.data.Dataset.from_generator(crops, output_signature=signature)
+    def crop(k, n):
+        x, labels = data.training_crop(store, n, tf.stack([tf.constant(seed, tf.int64), k]),
+                                       recipe)
+        return x, data.instance_targets_tf(labels)[..., :recipe["outputs"]]
+
+    return (tf.data.Dataset.counter().flat_map(epoch_order).enumerate()
+            .map(crop, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
@@ -177,9 +188,9 @@ def load_instance_data(args, recipe):
           f"and {len(ids) - split} validation images (centre crops), "
           f"{sum(int(labels[n].max()) for n in train):,} training nuclei; kinds of training "
           f"image: " + ", ".join(f"{kinds.count(kind)} {kind}" for kind in data.KINDS))
-    return (lambda batch_size: crop_dataset([inputs[n] for n in train],
-                                            [labels[n] for n in train], kinds, recipe,
-                                            batch_size, args.seed),
+    return (lambda batch_size: crop_dataset(
+                data.crop_store([inputs[n] for n in train], [labels[n] for n in train]),
+                kinds, recipe, batch_size, args.seed),
             len(train), X_val, Y_val)
 
 

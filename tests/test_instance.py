@@ -76,26 +76,6 @@ def test_small_objects_dropped_and_seedless_pieces_kept():
     assert not labels[2:5, 25:28].any()
 
 
-def test_training_crop_shapes_and_plain_crop_matches_its_window():
-    rng = np.random.default_rng(0)
-    labels = np.zeros((100, 90), np.int32)
-    labels[disc(labels.shape, (50, 45), 20)] = 1
-    x = np.random.default_rng(1).random((100, 90, 1)).astype(np.float32)
-    crop, targets = data.training_crop(x, labels, {**INSTANCE, "crop": 64}, rng)
-    assert crop.shape == (64, 64, 1) and crop.dtype == np.float32
-    assert targets.shape == (64, 64, 3) and targets.dtype == np.uint8
-    plain = {**INSTANCE, "crop": 64, "augment": False}
-    crop, targets = data.training_crop(x, labels, plain, np.random.default_rng(5))
-    hits = [(top, left) for top in range(37) for left in range(27)
-            if np.array_equal(x[top:top + 64, left:left + 64], crop)]
-    assert len(hits) == 1
-    top, left = hits[0]
-    assert np.array_equal(targets, data.instance_targets(labels[top:top + 64, left:left + 64]))
-    # An image smaller than the crop is reflect-padded.
-    small, small_targets = data.training_crop(x[:40, :50], labels[:40, :50], plain, rng)
-    assert small.shape == (64, 64, 1) and small_targets.shape == (64, 64, 3)
-
-
 def test_native_input_inverts_bright_backgrounds_and_scales():
     dark = np.zeros((50, 50, 3), np.uint8)
     dark[20:30, 20:30] = 200
