@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import config
 import unet
 from tests.conftest import SAMPLE_TRAIN
 from tests.reference import iou_metric_batch_notebook, iou_metric_notebook
@@ -104,8 +105,6 @@ def test_dropout_is_recipe_data_and_holds_no_weights():
 
 
 def test_gap_weight_multiplies_the_cross_entropy_of_gap_pixels(tmp_path):
-    import config
-
     y_true = np.zeros((1, 2, 2, 3), np.uint8)
     y_true[0, 0, 0] = (1, 1, 0)
     y_true[0, 1, 1] = (1, 0, 1)  # one gap pixel
@@ -123,4 +122,5 @@ def test_gap_weight_multiplies_the_cross_entropy_of_gap_pixels(tmp_path):
     unet.save_atomic(model, tmp_path / "m.keras", recipe)
     reloaded = unet.load_unet(tmp_path / "m.keras")
     assert reloaded.loss.gap_weight == 3.0
-    assert np.isclose(float(reloaded.loss(y_true, y_pred)), float(unet.bce_dice(y_true, y_pred, 3.0)))
+    assert np.isclose(float(reloaded.loss(y_true, y_pred)),
+                      float(unet.bce_dice(y_true, y_pred, 3.0)))
