@@ -685,12 +685,19 @@ def intensity_jitter(x, seed):
         return tf.transpose(both[..., 0], [1, 2, 0])
 
     x = tf.cond(blur, blurred, lambda: x)
-    noisy, noise = chance(), uniform(0.01, 0.1)
-    x = tf.where(noisy, x + noise * tf.random.stateless_normal(tf.shape(x), next(seeds)), x)
+    # Each change is computed only when drawn (tf.cond), its random numbers drawn either way,
+    # so that the numbers after it do not depend on it.
+    noisy, noise, noise_seed = chance(), uniform(0.01, 0.1), next(seeds)
+    x = tf.cond(noisy, lambda: x + noise * tf.random.stateless_normal(tf.shape(x), noise_seed),
+                lambda: x)
     gradient, slope = chance(), uniform(-0.3, 0.3, [2])
-    rows = tf.linspace(-0.5, 0.5, tf.shape(x)[0])[:, None, None]
-    cols = tf.linspace(-0.5, 0.5, tf.shape(x)[1])[None, :, None]
-    x = tf.where(gradient, x + (slope[0] * rows + slope[1] * cols), x)
+
+    def with_gradient():
+        rows = tf.linspace(-0.5, 0.5, tf.shape(x)[0])[:, None, None]
+        cols = tf.linspace(-0.5, 0.5, tf.shape(x)[1])[None, :, None]
+        return x + (slope[0] * rows + slope[1] * cols)
+
+    x = tf.cond(gradient, with_gradient, lambda: x)
     return x * uniform(0.5, 1.5) + uniform(-0.2, 0.2)
 
 
