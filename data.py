@@ -19,7 +19,7 @@ Two things keep it that way on today's stack and make it fast:
   GIL), and the arrays are cached, keyed by the folder's files and the settings.
 
 TensorFlow is imported only inside the functions of the instance recipe's training stream
-(crop_store, training_crop, intensity_jitter, instance_targets_tf), so that the data tests and
+(crop_store, training_crop and its parts, instance_targets_tf), so that the data tests and
 `--help` stay fast.
 """
 import functools
@@ -588,16 +588,11 @@ def _resize_axis(top, window, size, length, bilinear):
             _reflect(top + _reflect(low + 1, window), length), weight)
 
 
-def training_crop(store, n, seed, recipe):
-    """One augmented training pair from image n of a crop_store, in TensorFlow operations: a
-    random square window (the image reflect-padded at the bottom and right when smaller),
-    rescaled to the recipe's crop size by a random factor (nucleus sizes differ several-fold
-    between kinds of image; bilinear for the input, nearest neighbour for the labels), flipped
-    and turned; with `stain_augment` the input's three channels mixed into grey with random
-    weights (a stain or a camera that renders nuclei differently); then intensity_jitter, or
-    with augment alone brightness and contrast. Every random number comes from `seed` (two
-    int64), so an element depends on its seed only. Returns float32 (S, S, C) and the int32
-    (S, S) label crop, whose instance_targets_tf are the targets."""
+def crop_draws(store, n, seed, recipe):
+    """Every random number of one training crop of image n of a crop_store (training_crop),
+    from `seed` (two int64) alone, in plain TensorFlow operations: the window's size and place,
+    the stain weights (Gamma draws, which XLA cannot compile), the turn and flip, and the
+    intensity changes (intensity_draws)."""
     import tensorflow as tf
 
     seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12)))
@@ -608,13 +603,47 @@ def training_crop(store, n, seed, recipe):
         low, high = np.log(recipe["scale_range"])
         scale = tf.exp(tf.random.stateless_uniform([], next(seeds), low, high, tf.float64))
         window = tf.maximum(tf.cast(tf.round(size / scale), tf.int64), 8)
-    top = tf.random.stateless_uniform([], next(seeds), 0, tf.maximum(height, window) - window + 1,
-                                      tf.int64)
-    left = tf.random.stateless_uniform([], next(seeds), 0, tf.maximum(width, window) - window + 1,
-                                       tf.int64)
+    draws = {"n": tf.cast(n, tf.int64), "window": window,
+             "top": tf.random.stateless_uniform(
+                 [], next(seeds), 0, tf.maximum(height, window) - window + 1, tf.int64),
+             "left": tf.random.stateless_uniform(
+                 [], next(seeds), 0, tf.maximum(width, window) - window + 1, tf.int64)}
+    channels = store["pixels"].shape[1]
+    if recipe.get("stain_augment"):
+        # Dirichlet weights: independent Gamma draws, normalised.
+        draws["mix"] = tf.random.stateless_gamma([channels], next(seeds), STAIN_CONCENTRATION)
+        channels = 1
+    if recipe["augment"]:
+        draws["turns"] = tf.random.stateless_uniform([], next(seeds), 0, 4, tf.int32)
+        draws["flip"] = tf.random.stateless_uniform([], next(seeds), 0, 2, tf.int32) > 0
+        if recipe.get("intensity_augment"):
+            draws["intensity"] = intensity_draws(next(seeds), (size, size, channels))
+        else:
+            draws["contrast"] = tf.random.stateless_uniform([], next(seeds), 0.7, 1.3)
+            draws["offset"] = tf.random.stateless_uniform([], next(seeds), -0.2, 0.2)
+    return draws
+
+
+def crop_pixels(store, draws, size):
+    """The size x size training crop that `draws` (crop_draws) describe, without a random
+    number of its own: a random square window (the image reflect-padded at the bottom and
+    right when smaller), rescaled to `size` (nucleus sizes differ several-fold between kinds of
+    image; bilinear for the input, nearest neighbour for the labels), with
+    `stain_augment` the input's three channels mixed into grey (a stain or a camera that
+    renders nuclei differently), turned and flipped; then intensity_jitter, or (augment
+    without intensity_augment) brightness and contrast: as the draws hold them. Returns
+    float32 (S, S, C) and the int32 (S, S) label crop, whose instance_targets_tf are the
+    targets."""
+    import tensorflow as tf
+
+    n, window, top, left = draws["n"], draws["window"], draws["top"], draws["left"]
+    height, width = tf.unstack(tf.gather(store["shapes"], n))
+    # tf.gather, not store[...][n]: XLA would take a slice's start as a constant and compile
+    # the function again for every image.
+    offset = tf.gather(store["offsets"], n)
 
     def gather(values, rows, cols):
-        return tf.gather(values, store["offsets"][n] + rows[:, None] * width + cols[None, :])
+        return tf.gather(values, offset + rows[:, None] * width + cols[None, :])
 
     rows = _resize_axis(top, window, size, height, bilinear=False)
     cols = _resize_axis(left, window, size, width, bilinear=False)
@@ -627,22 +656,40 @@ def training_crop(store, n, seed, recipe):
           + gather(store["pixels"], row0, col1) * right) * (1 - down)
          + (gather(store["pixels"], row1, col0) * (1 - right)
             + gather(store["pixels"], row1, col1) * right) * down)
-    if recipe.get("stain_augment"):
-        # Dirichlet weights: independent Gamma draws, normalised.
-        mix = tf.random.stateless_gamma([x.shape[2]], next(seeds), STAIN_CONCENTRATION)
+    if "mix" in draws:
+        mix = draws["mix"]
         x = tf.reduce_sum(x * mix / tf.reduce_sum(mix), axis=2, keepdims=True)
-    if recipe["augment"]:
-        turns = tf.random.stateless_uniform([], next(seeds), 0, 4, tf.int32)
-        flip = tf.random.stateless_uniform([], next(seeds), 0, 2, tf.int32) > 0
+    if "turns" in draws:
+        turns, flip = draws["turns"], draws["flip"]
         x, labels = tf.image.rot90(x, turns), tf.image.rot90(labels[..., None], turns)[..., 0]
         x = tf.where(flip, x[:, ::-1], x)
         labels = tf.where(flip, labels[:, ::-1], labels)
-        if recipe.get("intensity_augment"):
-            x = intensity_jitter(x, next(seeds))
+        if "intensity" in draws:
+            x = intensity_jitter(x, draws["intensity"])
         else:
-            contrast = tf.random.stateless_uniform([], next(seeds), 0.7, 1.3)
-            x = x * contrast + tf.random.stateless_uniform([], next(seeds), -0.2, 0.2)
+            x = x * draws["contrast"] + draws["offset"]
     return x, labels
+
+
+@functools.cache
+def _compiled_crop(size):
+    """crop_pixels and the label crop's instance_targets_tf, compiled by XLA, which fuses
+    their passes over the pixels (docs/performance.md)."""
+    import tensorflow as tf
+
+    def crop(store, draws):
+        x, labels = crop_pixels(store, draws, size)
+        return x, labels, instance_targets_tf(labels)
+
+    return tf.function(crop, jit_compile=True)
+
+
+def training_crop(store, n, seed, recipe):
+    """One augmented training crop of image n of a crop_store: crop_pixels of crop_draws, in
+    TensorFlow operations, compiled by XLA but for the random numbers. Every random number
+    comes from `seed` (two int64), so a crop depends on its seed only. Returns the float32
+    (S, S, C) input, the int32 (S, S) label crop, and its uint8 (S, S, 3) instance_targets."""
+    return _compiled_crop(recipe["crop"])(store, crop_draws(store, n, seed, recipe))
 
 
 # Stain mixing weights come from a Dirichlet distribution with this concentration per channel:
@@ -653,12 +700,9 @@ MAX_BLUR = 1.5
 BLUR_RADIUS = int(4 * MAX_BLUR + 0.5)
 
 
-def intensity_jitter(x, seed):
-    """A scaled input (S, S, C) as another acquisition might show it, in TensorFlow operations:
-    gamma 0.5 to 2 (dim or washed-out nuclei), out of focus (a Gaussian blur of sigma 0.5 to
-    1.5, as SciPy's gaussian_filter with its "reflect" border) or noisy (sigma 0.01 to 0.1) a
-    third of the time each, a linear background gradient a third of the time, contrast 0.5 to
-    1.5 and an offset of up to 0.2. Random numbers from `seed` (two int64)."""
+def intensity_draws(seed, shape):
+    """intensity_jitter's random numbers for a crop of `shape` (S, S, C), from `seed` (two
+    int64): the noise image only when noise is drawn."""
     import tensorflow as tf
 
     seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 10)))
@@ -669,8 +713,27 @@ def intensity_jitter(x, seed):
     def chance():
         return uniform(0.0, 1.0) < 1 / 3
 
-    x = tf.maximum(x, 0) ** tf.exp(uniform(np.log(0.5), np.log(2.0)))
-    blur, sigma = chance(), uniform(0.5, MAX_BLUR)
+    draws = {"gamma": tf.exp(uniform(np.log(0.5), np.log(2.0))), "blur": chance(),
+             "sigma": uniform(0.5, MAX_BLUR), "noisy": chance(), "noise": uniform(0.01, 0.1)}
+    noise_seed = next(seeds)
+    draws["noise_image"] = tf.cond(draws["noisy"],
+                                   lambda: tf.random.stateless_normal(shape, noise_seed),
+                                   lambda: tf.zeros(shape))
+    draws.update(gradient=chance(), slope=uniform(-0.3, 0.3, [2]), contrast=uniform(0.5, 1.5),
+                 offset=uniform(-0.2, 0.2))
+    return draws
+
+
+def intensity_jitter(x, draws):
+    """A scaled input (S, S, C) as another acquisition might show it, from intensity_draws:
+    gamma 0.5 to 2 (dim or washed-out nuclei), out of focus (a Gaussian blur of sigma 0.5 to
+    1.5, as SciPy's gaussian_filter with its "reflect" border) or noisy (sigma 0.01 to 0.1) a
+    third of the time each, a linear background gradient a third of the time, contrast 0.5 to
+    1.5 and an offset of up to 0.2."""
+    import tensorflow as tf
+
+    x = tf.maximum(x, 0) ** draws["gamma"]
+    sigma = draws["sigma"]
     # SciPy's kernel: exp(-t^2 / 2 sigma^2) out to int(4 sigma + 0.5) pixels, normalised.
     t = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
     kernel = tf.where(tf.abs(t) <= tf.floor(4 * sigma + 0.5), tf.exp(-0.5 * (t / sigma) ** 2), 0)
@@ -684,21 +747,17 @@ def intensity_jitter(x, seed):
         both = tf.nn.conv2d(rows, kernel[None, :, None, None], 1, "VALID")
         return tf.transpose(both[..., 0], [1, 2, 0])
 
-    x = tf.cond(blur, blurred, lambda: x)
-    # Each change is computed only when drawn (tf.cond), its random numbers drawn either way,
-    # so that the numbers after it do not depend on it.
-    noisy, noise, noise_seed = chance(), uniform(0.01, 0.1), next(seeds)
-    x = tf.cond(noisy, lambda: x + noise * tf.random.stateless_normal(tf.shape(x), noise_seed),
-                lambda: x)
-    gradient, slope = chance(), uniform(-0.3, 0.3, [2])
+    x = tf.cond(draws["blur"], blurred, lambda: x)
+    x = tf.cond(draws["noisy"], lambda: x + draws["noise"] * draws["noise_image"], lambda: x)
+    slope = draws["slope"]
 
     def with_gradient():
         rows = tf.linspace(-0.5, 0.5, tf.shape(x)[0])[:, None, None]
         cols = tf.linspace(-0.5, 0.5, tf.shape(x)[1])[None, :, None]
         return x + (slope[0] * rows + slope[1] * cols)
 
-    x = tf.cond(gradient, with_gradient, lambda: x)
-    return x * uniform(0.5, 1.5) + uniform(-0.2, 0.2)
+    x = tf.cond(draws["gradient"], with_gradient, lambda: x)
+    return x * draws["contrast"] + draws["offset"]
 
 
 def centre_crop(x, labels, recipe):

@@ -136,9 +136,9 @@ def crop_dataset(store, kinds, recipe, batch_size, seed):
         return tf.data.Dataset.from_tensor_slices(order)
 
     def crop(k, n):
-        x, labels = data.training_crop(store, n, tf.stack([tf.constant(seed, tf.int64), k]),
-                                       recipe)
-        return x, data.instance_targets_tf(labels)[..., :recipe["outputs"]]
+        x, _, targets = data.training_crop(store, n, tf.stack([tf.constant(seed, tf.int64), k]),
+                                           recipe)
+        return x, targets[..., :recipe["outputs"]]
 
     return (tf.data.Dataset.counter().flat_map(epoch_order).enumerate()
             .map(crop, num_parallel_calls=tf.data.AUTOTUNE)

@@ -78,11 +78,36 @@ def test_stream_targets_are_the_targets_of_its_label_crops(sample):
     recipe = {**INSTANCE, "crop": CROP}
     x, y = first_batch(store, kinds[:1], recipe, seed=11, batch_size=6)
     for k in range(6):
-        crop, label_crop = data.training_crop(store, 0, tf.constant([11, k], tf.int64), recipe)
+        crop, label_crop, targets = data.training_crop(store, 0, tf.constant([11, k], tf.int64),
+                                                       recipe)
         # Eagerly and in the stream's graph the float arithmetic may round apart in the last bit.
         np.testing.assert_allclose(crop.numpy(), x[k], rtol=1e-6, atol=1e-6)
-        assert np.array_equal(y[k], data.instance_targets(label_crop.numpy()))
+        assert np.array_equal(targets.numpy(), data.instance_targets(label_crop.numpy()))
+        assert np.array_equal(y[k], targets.numpy())
     assert y[..., 1].any() and y[..., 2].any()  # contours and gaps, not only background
+
+
+def test_compiled_crops_are_the_plain_operations_crops(sample):
+    """XLA compiles crop_pixels (data.training_crop): the same label crops as its plain
+    TensorFlow operations, pixel for pixel, and inputs within float rounding (XLA fuses the
+    arithmetic), for every recipe path: stain and intensity changes, contrast alone, none."""
+    inputs, labels, kinds = sample
+    grey = [data.native_input(image, INSTANCE) for image in data.load_native(
+        SAMPLE_TRAIN, data.list_ids(SAMPLE_TRAIN)[:2])[0]]
+    paths = [(data.crop_store(inputs, labels), {**INSTANCE, "crop": CROP}),
+             (data.crop_store(grey, labels[:2]),
+              {**INSTANCE, "crop": CROP, "stain_augment": False, "intensity_augment": False}),
+             (data.crop_store(grey, labels[:2]),
+              {**INSTANCE, "crop": CROP, "stain_augment": False, "augment": False})]
+    for store, recipe in paths:
+        for k in range(8):
+            n = k % len(store["offsets"])
+            seed = tf.constant([3, k], tf.int64)
+            x, label_crop, _ = data.training_crop(store, n, seed, recipe)
+            plain_x, plain_labels = data.crop_pixels(
+                store, data.crop_draws(store, n, seed, recipe), CROP)
+            assert np.array_equal(label_crop.numpy(), plain_labels.numpy())
+            np.testing.assert_allclose(x.numpy(), plain_x.numpy(), rtol=0, atol=1e-5)
 
 
 def test_rescaled_flipped_turned_crops_keep_image_and_labels_aligned():
@@ -96,7 +121,7 @@ def test_rescaled_flipped_turned_crops_keep_image_and_labels_aligned():
     recipe = {**INSTANCE, "crop": CROP, "intensity_augment": False, "stain_augment": False}
     windows = set()
     for k in range(12):
-        x, label_crop = (t.numpy() for t in data.training_crop(
+        x, label_crop, _ = (t.numpy() for t in data.training_crop(
             store, 0, tf.constant([5, k], tf.int64), recipe))
         assert label_crop.shape == (CROP, CROP) and label_crop.dtype == np.int32
         padded = np.pad(label_crop, 2, mode="edge")
