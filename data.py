@@ -740,12 +740,14 @@ def intensity_jitter(x, draws):
     kernel /= tf.reduce_sum(kernel)
 
     def blurred():
-        channels = tf.transpose(x, [2, 0, 1])[..., None]  # each channel its own image
-        padded = tf.pad(channels, [[0, 0], [BLUR_RADIUS] * 2, [BLUR_RADIUS] * 2, [0, 0]],
-                        mode="SYMMETRIC")
-        rows = tf.nn.conv2d(padded, kernel[:, None, None, None], 1, "VALID")
-        both = tf.nn.conv2d(rows, kernel[None, :, None, None], 1, "VALID")
-        return tf.transpose(both[..., 0], [1, 2, 0])
+        # The kernel's taps as shifted copies, which XLA fuses into one pass per axis: XLA's
+        # CPU convolution of one channel took 6 ms a crop, more than the rest of it together.
+        height, width = x.shape[0], x.shape[1]
+        padded = tf.pad(x, [[BLUR_RADIUS] * 2, [BLUR_RADIUS] * 2, [0, 0]], mode="SYMMETRIC")
+        rows = functools.reduce(tf.add, [kernel[k] * padded[k:k + height]
+                                         for k in range(2 * BLUR_RADIUS + 1)])
+        return functools.reduce(tf.add, [kernel[k] * rows[:, k:k + width]
+                                         for k in range(2 * BLUR_RADIUS + 1)])
 
     x = tf.cond(draws["blur"], blurred, lambda: x)
     x = tf.cond(draws["noisy"], lambda: x + draws["noise"] * draws["noise_image"], lambda: x)

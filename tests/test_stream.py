@@ -153,3 +153,20 @@ def test_intensity_stays_in_range(sample):
     assert x.min() >= -0.2 - 1.5 * 0.75 and x.max() <= 1.5 * 1.75 + 0.2
     medians = np.median(x, axis=(1, 2, 3))
     assert medians.max() - medians.min() > 0.3  # gamma, contrast and offset vary by crop
+
+
+def test_blur_is_scipys_gaussian_filter():
+    """intensity_jitter's blur alone (its other changes drawn off) is SciPy's gaussian_filter
+    with the "reflect" border, kernel cut at 4 sigmas, for sigmas across its range."""
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).random((40, 50, 1)).astype(np.float32)
+    off = {"gamma": tf.constant(1.0), "blur": tf.constant(True), "noisy": tf.constant(False),
+           "gradient": tf.constant(False), "contrast": tf.constant(1.0),
+           "offset": tf.constant(0.0)}
+    for sigma in (0.5, 0.77, 1.0, 1.12, 1.5):
+        draws = {**data.intensity_draws(tf.constant([1, 0], tf.int64), x.shape), **off,
+                 "sigma": tf.constant(sigma)}
+        expected = ndimage.gaussian_filter(x[..., 0].astype(np.float64), sigma, mode="reflect")
+        np.testing.assert_allclose(data.intensity_jitter(x, draws).numpy()[..., 0], expected,
+                                   rtol=0, atol=1e-6)
