@@ -15,7 +15,7 @@ In one run:
 4. training: train.py's model and settings (unet.build_unet(), batch size, validation split),
    steady-state epoch time, images/s and the fraction of the compute bound;
 5. stream: the instance recipe's training stream alone (train.py's, on the training split), in
-   crops a second on one core and on all cores;
+   crops a second on one CPU (a child process bound to it) and on all;
 6. steps: training steps alone on fixed tensors, so that what limits a fit shows: the instance
    recipe's (a batch of the stream), and the notebook recipe's with its metric, with the NumPy
    metric it replaced, and without a metric.
@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,10 +50,10 @@ import train
 MATMUL_N = 4096
 MATMUL_REPEATS = 5
 METRIC_BATCH = 16
-# The stream's batches timed after its warm-up batches (tracing, starting the threads), and
-# the training steps timed.
-STREAM_BATCHES = 30
-STREAM_WARM_UP = 3
+# The stream's batches timed after its warm-up batches (tracing, XLA's compilation, starting
+# the threads), and the training steps timed.
+STREAM_BATCHES = 150
+STREAM_WARM_UP = 10
 STEPS = 10
 SECTIONS = ("loading", "metric", "bound", "training", "stream", "steps")
 
@@ -81,8 +82,8 @@ def say(text=""):
 
 
 class OtherCPU:
-    """CPU seconds that other processes used since the start: the timings are only this
-    machine's speed when it stays near 0 (on Linux; None elsewhere)."""
+    """CPU seconds that other processes (not this one's children) used since the start: the
+    timings are only this machine's speed when it stays near 0 (on Linux; None elsewhere)."""
 
     def __init__(self):
         self.start = self._others()
@@ -96,7 +97,7 @@ class OtherCPU:
             return None
         busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
         own = os.times()
-        return busy - own.user - own.system
+        return busy - own.user - own.system - own.children_user - own.children_system
 
     def seconds(self):
         now = self._others()
@@ -370,32 +371,53 @@ def bench_training(X, Y, train_dir, epochs, bound):
 # 5. The instance recipe's training stream
 
 
-def bench_stream(train_dir, batches=STREAM_BATCHES):
-    """train.py's instance-recipe stream alone, in crops a second: on one core (tf.data's
-    private thread pool of one thread, one thread inside each operation) and on all of them.
-    Returns the rates and one batch, the fixed tensors of the training step."""
+def stream_rate(train_dir, batches=STREAM_BATCHES):
+    """train.py's instance-recipe stream alone, as train.py builds it: crops a second after
+    its warm-up batches (tracing, XLA's compilation, starting the threads), the number of
+    training images, and the first batch."""
     import argparse as arguments
 
-    import tensorflow as tf
-
-    say("== 5. Instance stream " + "=" * 62)
     recipe = config.RECIPES["instance"]
     with contextlib.redirect_stdout(sys.stderr):
         stream, n_train, _, _ = train.load_instance_data(
             arguments.Namespace(train_dir=train_dir, seed=config.SEED), recipe)
-    one_core = tf.data.Options()
-    one_core.threading.private_threadpool_size = 1
-    one_core.threading.max_intra_op_parallelism = 1
-    result = dict(n_train=n_train, batch=recipe["batch_size"])
-    for name, options in (("one_core", one_core), ("all_cores", tf.data.Options())):
-        batches_of = iter(stream(recipe["batch_size"]).with_options(options))
-        first = [next(batches_of) for _ in range(STREAM_WARM_UP)][0]  # tracing, pool start
-        _, seconds = timed(lambda: [next(batches_of) for _ in range(batches)])
-        result[name] = batches * recipe["batch_size"] / seconds
-        say(f"{n_train} training images, crops of {recipe['crop']}x{recipe['crop']}, "
-            f"{name.replace('_', ' ')}: {result[name]:7.1f} crops/s")
-    result["scaling"] = result["all_cores"] / result["one_core"]
-    say(f"all {os.cpu_count()} cores / one: {result['scaling']:.2f}x")
+    batches_of = iter(stream(recipe["batch_size"]))
+    first = [next(batches_of) for _ in range(STREAM_WARM_UP)][0]
+    _, seconds = timed(lambda: [next(batches_of) for _ in range(batches)])
+    return batches * recipe["batch_size"] / seconds, n_train, first
+
+
+def one_cpu_stream_rate(train_dir):
+    """stream_rate in a child process bound to one CPU, every thread of it: tf.data's thread
+    options do not bind the threads of XLA's compiled crops, nor its prefetching. None where
+    the system cannot bind a process (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    code = "import sys, bench; print(bench.stream_rate(sys.argv[1])[0])"
+    cpus = os.sched_getaffinity(0)
+    child = subprocess.run([sys.executable, "-c", code, train_dir], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parent,
+                           preexec_fn=lambda: os.sched_setaffinity(0, [min(cpus)]))
+    if child.returncode:
+        raise RuntimeError(f"the one-CPU stream failed:\n{child.stderr[-2000:]}")
+    return float(child.stdout.split()[-1])
+
+
+def bench_stream(train_dir):
+    """The stream's crops a second on one CPU (a bound child process) and on all of them.
+    Returns the rates and one batch, the fixed tensors of the training step."""
+    say("== 5. Instance stream " + "=" * 62)
+    recipe = config.RECIPES["instance"]
+    one_cpu = one_cpu_stream_rate(train_dir)
+    all_cpus, n_train, first = stream_rate(train_dir)
+    result = dict(n_train=n_train, one_core=one_cpu, all_cores=all_cpus,
+                  scaling=one_cpu and all_cpus / one_cpu)
+    crops = f"{n_train} training images, crops of {recipe['crop']}x{recipe['crop']}"
+    say(f"{crops}, one CPU: " + (f"{one_cpu:7.1f} crops/s" if one_cpu else "not measured "
+                                 "(this system cannot bind a process to one CPU)"))
+    say(f"{crops}, all {os.cpu_count()} CPUs: {all_cpus:7.1f} crops/s")
+    if one_cpu:
+        say(f"all {os.cpu_count()} CPUs / one: {result['scaling']:.2f}x")
     return result, first
 
 
@@ -527,10 +549,11 @@ def markdown(train_dir, n_images, results, others):
         ]
     if stream:
         rows += [
-            ("Stream", f"instance recipe's crops, {stream['n_train']} training images, one core",
-             f"{stream['one_core']:.1f} crops/s", ""),
-            ("Stream", f"the same, all {os.cpu_count()} cores",
-             f"{stream['all_cores']:.1f} crops/s", f"{stream['scaling']:.2f}x"),
+            ("Stream", f"instance recipe's crops, {stream['n_train']} training images, one CPU",
+             f"{stream['one_core']:.1f} crops/s" if stream["one_core"] else "not measured", ""),
+            ("Stream", f"the same, all {os.cpu_count()} CPUs",
+             f"{stream['all_cores']:.1f} crops/s",
+             f"{stream['scaling']:.2f}x" if stream["scaling"] else ""),
         ]
     if steps:
         rows += [
