@@ -115,11 +115,12 @@ def crop_dataset(store, kinds, recipe, batch_size, seed):
     proportional to the square root of its count (rare kinds seen more often, without
     repeating their few images endlessly).
 
-    A parallel tf.data pipeline of TensorFlow operations: the crops are made on every core,
-    outside Python's lock (the Python generator it replaced made 41 crops a second on one
-    core). Crop k of the stream draws its random numbers from (seed, k) alone, and the map
-    keeps the stream's order, so that a seed gives the same batches and a resumed run can skip
-    the batches it has trained on."""
+    A parallel tf.data map, outside Python's lock: each crop's random numbers drawn in plain
+    TensorFlow, its pixels and targets compiled by XLA (data.training_crop), on every core
+    (a Python generator made 41 crops a second on one core; this makes hundreds on each, see
+    docs/performance.md). Crop k of the stream draws its random numbers from (seed, k) alone,
+    and the map keeps the stream's order, so that a seed gives the same batches and a resumed
+    run can skip the batches it has trained on."""
     import tensorflow as tf
 
     images = len(kinds)
