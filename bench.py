@@ -395,8 +395,8 @@ def one_cpu_stream_rate(train_dir):
         return None
     code = "import sys, bench; print(bench.stream_rate(sys.argv[1])[0])"
     cpus = os.sched_getaffinity(0)
-    child = subprocess.run([sys.executable, "-c", code, train_dir], capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parent,
+    child = subprocess.run([sys.executable, "-c", code, os.path.abspath(train_dir)],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
                            preexec_fn=lambda: os.sched_setaffinity(0, [min(cpus)]))
     if child.returncode:
         raise RuntimeError(f"the one-CPU stream failed:\n{child.stderr[-2000:]}")
