@@ -16,9 +16,10 @@ In one run:
    steady-state epoch time, images/s and the fraction of the compute bound;
 5. stream: the instance recipe's training stream alone (train.py's, on the training split), in
    crops a second on one CPU (a child process bound to it) and on all;
-6. steps: training steps alone on fixed tensors, so that what limits a fit shows: the instance
-   recipe's (a batch of the stream), and the notebook recipe's with its metric, with the NumPy
-   metric it replaced, and without a metric.
+6. steps: training steps alone on fixed tensors, each compiled both ways (XLA and TensorFlow's
+   plain graph): the instance recipe's (a batch of the stream) in float32 and, where the CPU has
+   it, bfloat16, and the notebook recipe's; and the instance network on one 1024x1024 window as
+   predict.py runs it, both ways in both precisions; with the path device.py chooses here.
 
 python bench.py --sections stream steps    # only these (the notebook arrays from the cache)
 
@@ -55,6 +56,9 @@ METRIC_BATCH = 16
 STREAM_BATCHES = 150
 STREAM_WARM_UP = 10
 STEPS = 10
+# The prediction window timed, and its repeats.
+WINDOW = 1024
+WINDOW_REPEATS = 4
 SECTIONS = ("loading", "metric", "bound", "training", "stream", "steps")
 
 
@@ -433,46 +437,69 @@ def time_steps(model, x, y, steps=STEPS):
     return seconds / steps
 
 
-def bench_steps(X, Y, instance_batch):
-    """The instance recipe's step (XLA, in train.py's precision on this CPU) on one batch of the
-    stream, and the notebook recipe's step on its first 16 images with its metric (TensorFlow,
-    XLA), with the NumPy metric it replaced (tf.numpy_function, as before), and without."""
-    import keras
-    import tensorflow as tf
+def window_seconds(model, compute, window=WINDOW, repeats=WINDOW_REPEATS):
+    """Seconds per call of nuclei.Network on one window x window input, after one warm-up call
+    (tracing, compilation)."""
+    import nuclei
 
+    network = nuclei.Network(model, compute)
+    x = np.random.default_rng(0).random((1, window, window, model.input_shape[-1]),
+                                        dtype=np.float32)
+    network(x)
+    _, seconds = timed(lambda: [network(x) for _ in range(repeats)])
+    return seconds / repeats
+
+
+def bench_steps(X, Y, instance_batch):
+    """Both paths (XLA and the plain graph) of: the instance recipe's training step on one batch
+    of the stream, in float32 and (where the CPU has it) bfloat16; the notebook recipe's step
+    on its first 16 images with its metric; and the instance network on one 1024x1024 window
+    at prediction, in both precisions. Also which path train.py and predict.py choose here
+    (device.py's rule) and how far it is from the fastest."""
+    import keras
+
+    import device
     import unet
 
-    say("== 6. Training steps on fixed tensors " + "=" * 46)
+    say("== 6. Training steps and the prediction window, both paths " + "=" * 25)
     recipe = config.RECIPES["instance"]
-    policy = "mixed_bfloat16" if train.cpu_has_bfloat16() else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    keras.utils.set_random_seed(config.SEED)
+    policies = ["float32"] + (["mixed_bfloat16"] if device.cpu_has_bfloat16() else [])
+    paths = {True: "XLA", False: "plain graph"}
     x, y = instance_batch
-    result = dict(instance=time_steps(unet.build_unet(recipe=recipe, steps=100), x, y),
-                  policy=policy, instance_batch=int(x.shape[0]))
+    result = dict(instance={}, window={}, notebook={}, instance_batch=int(x.shape[0]))
+    for policy in policies:
+        for jit in paths:
+            keras.mixed_precision.set_global_policy(policy)
+            keras.utils.set_random_seed(config.SEED)
+            model = unet.build_unet(recipe=recipe, steps=100, jit=jit)
+            seconds = result["instance"][policy, jit] = time_steps(model, x, y)
+            say(f"instance step, batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}, {policy}, "
+                f"{paths[jit]}: {seconds * 1e3:7.0f} ms = {x.shape[0] / seconds:.1f} crops/s")
     keras.mixed_precision.set_global_policy("float32")
-    say(f"instance recipe ({policy}, XLA), batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}:"
-        f" {result['instance'] * 1e3:7.0f} ms a step = {x.shape[0] / result['instance']:.1f} "
-        f"crops/s")
-
-    def numpy_metric(label, pred):
-        value = tf.numpy_function(unet.iou_metric_batch, [label, pred], tf.float32,
-                                  stateful=False)
-        value.set_shape([])
-        return value
-
+    model = unet.build_unet(recipe=recipe)
+    for policy in policies:
+        for jit in paths:
+            seconds = result["window"][policy, jit] = window_seconds(
+                model, device.Compute(jit, policy, "bench"))
+            say(f"instance network, one {WINDOW}x{WINDOW} window, {policy}, {paths[jit]}: "
+                f"{seconds:6.2f} s")
     x, y = X[:config.BATCH_SIZE], Y[:config.BATCH_SIZE].astype("float32")
-    for name, metrics in (("xla_metric", None), ("numpy_metric", [numpy_metric]),
-                          ("no_metric", [])):
+    for jit in paths:
         keras.utils.set_random_seed(config.SEED)
-        model = unet.build_unet()
-        if metrics is not None:  # build_unet's compile with another metric or none; XLA cannot
-            # compile the NumPy one (Keras would try on a GPU)
-            model.compile(optimizer="adam", loss="binary_crossentropy", metrics=metrics,
-                          jit_compile=False if metrics else "auto")
-        result[name] = time_steps(model, x, y)
-        say(f"notebook recipe, batch of {len(x)}, {name.replace('_', ' ')}: "
-            f"{result[name] * 1e3:7.1f} ms a step")
+        seconds = result["notebook"][jit] = time_steps(unet.build_unet(jit=jit), x, y)
+        say(f"notebook step, batch of {len(x)}, float32, metric compiled by XLA, "
+            f"{paths[jit]}: {seconds * 1e3:7.1f} ms")
+    train_path = device.training_compute("auto", True, False)
+    predict_path = device.prediction_compute("auto")
+    result["chosen"] = dict(train=(train_path.policy, train_path.jit is not False),
+                            predict=(predict_path.policy, predict_path.jit is not False))
+    step, fastest = (result["instance"][result["chosen"]["train"]],
+                     min(result["instance"][policies[-1], jit] for jit in paths))
+    say(f"train.py's instance step here: {train_path.describe()}; {step * 1e3:.0f} ms, "
+        f"{step / fastest:.2f}x the faster path in {policies[-1]}")
+    window = result["window"][result["chosen"]["predict"]]
+    say(f"predict.py's network here: {predict_path.describe()}; {window:.2f} s a window, "
+        f"{window / min(result['window'].values()):.2f}x the fastest")
     return result
 
 
@@ -556,16 +583,20 @@ def markdown(train_dir, n_images, results, others):
              f"{stream['scaling']:.2f}x" if stream["scaling"] else ""),
         ]
     if steps:
-        rows += [
-            ("Steps", f"instance recipe, batch of {steps['instance_batch']} "
-             f"({steps['policy']}, XLA)", f"{steps['instance'] * 1e3:.0f} ms",
-             f"{steps['instance_batch'] / steps['instance']:.1f} crops/s"),
-            ("Steps", f"notebook recipe, batch of {config.BATCH_SIZE}, metric in TensorFlow (XLA)",
-             f"{steps['xla_metric'] * 1e3:.1f} ms", ""),
-            ("Steps", "the same, NumPy metric (`tf.numpy_function`, as before)",
-             f"{steps['numpy_metric'] * 1e3:.1f} ms", ""),
-            ("Steps", "the same, no metric", f"{steps['no_metric'] * 1e3:.1f} ms", ""),
-        ]
+        paths = {True: "XLA", False: "plain graph"}
+        for (policy, jit), seconds in steps["instance"].items():
+            chosen = " (train.py's)" if steps["chosen"]["train"] == (policy, jit) else ""
+            rows.append(("Steps", f"instance recipe, batch of {steps['instance_batch']}, "
+                         f"{policy}, {paths[jit]}{chosen}", f"{seconds * 1e3:.0f} ms",
+                         f"{steps['instance_batch'] / seconds:.1f} crops/s"))
+        for jit, seconds in steps["notebook"].items():
+            rows.append(("Steps", f"notebook recipe, batch of {config.BATCH_SIZE}, float32, "
+                         f"{paths[jit]}", f"{seconds * 1e3:.0f} ms", ""))
+        for (policy, jit), seconds in steps["window"].items():
+            chosen = " (predict.py's)" if steps["chosen"]["predict"] == (policy, jit) else ""
+            rows.append(("Window", f"instance network, {WINDOW}x{WINDOW}, {policy}, "
+                         f"{paths[jit]}{chosen}", f"{seconds:.2f} s",
+                         f"{WINDOW ** 2 / 1e6 / seconds:.1f} MP/s"))
     lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs."]
     if training:
         lines[0] += (f" Training: batch size {config.BATCH_SIZE}, {training['n_train']} "
@@ -586,6 +617,7 @@ def bench_own_image(path, model_path):
     found, and the peak resident memory of this process (Linux reports it in KiB)."""
     import resource
 
+    import device
     import nuclei
     import unet
 
@@ -595,7 +627,9 @@ def bench_own_image(path, model_path):
     image = data.scaled_image(pixels)
     read = time.perf_counter() - started
     x = data.native_input(image, recipe)
-    prob, network = timed(nuclei.predict_tiled, model, x, recipe["tta"])
+    compute = device.prediction_compute("auto")
+    say(f"Prediction: {compute.describe()}")
+    prob, network = timed(nuclei.predict_tiled, nuclei.Network(model, compute), x, recipe["tta"])
     labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], recipe)
     megapixels = image.shape[0] * image.shape[1] / 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

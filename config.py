@@ -116,6 +116,13 @@ RECIPES = {
     },
 }
 
+
+
+def is_notebook(recipe):
+    """Whether `recipe` is the notebook's: whole images shrunk to 128x128 RGB."""
+    return recipe["input"] == "rgb_128"
+
+
 # Settings added to the recipes after models were saved with them: the value a model saved
 # without the setting was trained with.
 RECIPE_DEFAULTS = {"dropout": True, "holdout": "none", "intensity_augment": False,

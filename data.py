@@ -798,14 +798,14 @@ def recipe_with(recipe, settings, allowed=None):
     if not scales or not all(type(s) in (int, float) and 0.25 <= s <= 4 for s in scales):
         raise InputError(f"--set scales={json.dumps(scales)}: a list of input scales between "
                          f"0.25 and 4, e.g. [0.7, 1, 1.4]")
-    if scales != [1.0] and recipe["input"] == "rgb_128":
+    if scales != [1.0] and config.is_notebook(recipe):
         raise InputError("--set scales: the notebook recipe shrinks every image to 128x128, so "
                          "there is no scale to vary")
     if recipe.get("gap_weight", 1.0) != 1 and not (
             recipe["loss"] == "bce_dice" and recipe["outputs"] == 3 and recipe["gap_weight"] > 0):
         raise InputError(f"--set gap_weight={recipe['gap_weight']}: a positive weight of the gap "
                          f"target, for loss=bce_dice with outputs=3")
-    if recipe.get("rescale") == "auto" and recipe["input"] == "rgb_128":
+    if recipe.get("rescale") == "auto" and config.is_notebook(recipe):
         raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
                          "128x128, so there is no nucleus size to match")
     if recipe.get("stain_augment") and recipe["input"] != "grey_native":

@@ -1,7 +1,5 @@
 """From a trained model's probabilities to nuclei: whole-image prediction, the watershed or
 connected components, the choice of their settings, and the competition's run-length format."""
-import weakref
-
 import numpy as np
 
 import config
@@ -112,13 +110,15 @@ def submission_rows(label_images, ids):
 
 
 class Predictor:
-    """The model and its recipe: probabilities of full-size images and their nuclei."""
+    """The model, its recipe and its compute path (device.prediction_compute): probabilities of
+    full-size images, and their nuclei (`nuclei`, what every flow of predict.py calls)."""
 
-    def __init__(self, model, recipe):
+    def __init__(self, model, recipe, compute=None):
         self.model, self.recipe = model, recipe
+        self.network = None if config.is_notebook(recipe) else Network(model, compute)
 
     def probabilities(self, images):
-        if self.recipe["input"] == "rgb_128":
+        if config.is_notebook(self.recipe):
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
             X = np.stack([data.shrink_image(data.display_image(image), size) for image in images])
             return list(self.model.predict(X, verbose=0))
@@ -137,77 +137,104 @@ class Predictor:
         from skimage.transform import resize
 
         if scale == 1:
-            return predict_tiled(self.model, x, self.recipe["tta"])
+            return predict_tiled(self.network, x, self.recipe["tta"])
         shape = x.shape[:2]
         size = (max(round(shape[0] * scale), 16), max(round(shape[1] * scale), 16))
         x = resize(x, size, order=1, anti_aliasing=scale < 1, preserve_range=True)
-        prob = predict_tiled(self.model, x.astype(np.float32), self.recipe["tta"])
+        prob = predict_tiled(self.network, x.astype(np.float32), self.recipe["tta"])
         return resize(prob, shape, order=1, preserve_range=True).astype(np.float32)
 
-    def nuclei(self, images):
-        return [self.resized(image, nuclei_labels(prob, image.shape[:2], self.recipe))
-                for prob, image in zip(self.probabilities(images), images)]
-
-    def resized(self, image, labels):
-        """With the recipe's rescale "auto", the nuclei found again at the scale that brings
-        their median diameter in `labels` to config.NUCLEUS_DIAMETER (as Cellpose's diameter
-        estimate), when it is over 1.5 times off; else `labels`."""
-        if self.recipe.get("rescale") != "auto" or labels.max() == 0:
-            return labels
-        diameter = np.median(np.sqrt(4 / np.pi * np.bincount(labels.ravel())[1:]))
-        scale = config.NUCLEUS_DIAMETER / diameter
-        return labels if 1 / 1.5 < scale < 1.5 else self.nuclei_at_scale(image, scale)
-
-    def nuclei_at_scale(self, image, scale):
-        """The nuclei of one image (H, W, 3) whose nuclei are `1 / scale` times the training
-        size: probabilities_at_scale, and min_size rescaled with them."""
-        if scale == 1:
-            return nuclei_labels(self.probabilities([image])[0], image.shape[:2], self.recipe)
-        prob = self.probabilities_at_scale(image, scale)
+    def nuclei(self, images, scale=1.0, probs=None):
+        """The nuclei of each image (H, W, 3) as int32 label images. With `scale` (from the
+        nuclei's known diameter) the input is rescaled by it and min_size with it; else, with
+        the recipe's rescale "auto", an image whose nuclei come out with a median diameter over
+        1.5 times off config.NUCLEUS_DIAMETER is predicted again at the scale that brings them
+        to it (as Cellpose's diameter estimate). `probs`: the images' probabilities at scale 1,
+        when already predicted."""
+        if probs is None:
+            probs = (self.probabilities(images) if scale == 1 else
+                     [self.probabilities_at_scale(image, scale) for image in images])
         recipe = {**self.recipe, "min_size": round(self.recipe.get("min_size", 0) / scale ** 2)}
-        return nuclei_labels(prob, image.shape[:2], recipe)
+        found = []
+        for image, prob in zip(images, probs):
+            labels = nuclei_labels(prob, image.shape[:2], recipe)
+            if scale == 1 and self.recipe.get("rescale") == "auto" and labels.max():
+                diameter = np.median(np.sqrt(4 / np.pi * np.bincount(labels.ravel())[1:]))
+                again = config.NUCLEUS_DIAMETER / diameter
+                if not 1 / 1.5 < again < 1.5:
+                    labels = self.nuclei([image], again)[0]
+            found.append(labels)
+        return found
 
 
 def _multiple_of_16(n):
     return -(-n // 16) * 16
 
 
-_FORWARD = weakref.WeakKeyDictionary()
+class Network:
+    """The model's forward pass (training=False) on batches, compiled once per input shape on
+    the path `compute` gives (device.prediction_compute("auto") by default): XLA or
+    TensorFlow's plain graph, float32 or bfloat16 (a copy of the model with the layers computing
+    in bfloat16, the output layer in float32, as train.py's mixed precision; the copy takes the
+    weights when the Network is made). Keras's eager call keeps every layer's output until it
+    returns, which made a 1280x1280 window cost 1.75 GB against 0.7 GB compiled
+    (docs/own_images.md). Nothing here outlives the Network: a dropped model is freed."""
+
+    def __init__(self, model, compute=None):
+        import tensorflow as tf
+
+        import device
+
+        self.compute = compute or device.prediction_compute("auto")
+        self.outputs = model.output_shape[-1]
+        net = model if self.compute.policy == "float32" else _with_policy(model,
+                                                                          self.compute.policy)
+        self._call = tf.function(lambda x: net(x, training=False),
+                                 jit_compile=self.compute.jit is not False)
+
+    def __call__(self, batch):
+        return self._call(batch).numpy()
 
 
-def forward(model):
-    """model(x, training=False) compiled with XLA (once per input shape): Keras's eager call
-    keeps every layer's output until it returns, which made a 1280x1280 window cost 1.75 GB
-    against 0.7 GB compiled, and took longer (docs/own_images.md)."""
-    import tensorflow as tf
+def _with_policy(model, policy):
+    """A copy of `model` whose layers compute under the Keras dtype `policy`, but for the
+    output layer (float32, so that the probabilities stay float32), with the model's weights."""
+    import keras
 
-    if model not in _FORWARD:
-        _FORWARD[model] = tf.function(lambda x: model(x, training=False), jit_compile=True)
-    return _FORWARD[model]
+    output = model.layers[-1]
+
+    def clone(layer):
+        config_ = layer.get_config()
+        if layer is not output:
+            config_["dtype"] = policy
+        return layer.__class__.from_config(config_)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
-def predict_window(model, padded, tta):
+def predict_window(network, padded, tta):
     """The probabilities (H, W, outputs) of an input whose sides are multiples of 16 (the four
     2x2 poolings); with `tta` the mean over the four flips, each undone."""
     flips = [(), (0,), (1,), (0, 1)] if tta else [()]
-    network = forward(model)
     total = 0
     for axes in flips:
         flipped = np.flip(padded, axis=axes) if axes else padded
-        out = network(np.ascontiguousarray(flipped[None]))[0].numpy()
+        out = network(np.ascontiguousarray(flipped[None]))[0]
         total = total + (np.flip(out, axis=axes) if axes else out)
     return total / len(flips)
 
 
-def predict_full(model, x, tta):
+def predict_full(network, x, tta):
     """A full-size probability map (H, W, outputs) of one input (H, W, C): reflect-padded to a
     multiple of 16, predicted whole, cropped back."""
     height, width = x.shape[:2]
     padded = data.pad_to(x, _multiple_of_16(height), _multiple_of_16(width))
-    return predict_window(model, padded, tta)[:height, :width]
+    return predict_window(network, padded, tta)[:height, :width]
 
 
-def predict_tiled(model, x, tta, tile=config.TILE, margin=config.TILE_MARGIN):
+def predict_tiled(network, x, tta, tile=config.TILE, margin=config.TILE_MARGIN):
     """predict_full's probabilities with memory bounded by the tile, not the image: an image
     over config.WHOLE_PIXELS is cut into tile x tile squares, each predicted with `margin`
     pixels of the image around it (the network's receptive field reaches 122 pixels, so the
@@ -216,17 +243,17 @@ def predict_tiled(model, x, tta, tile=config.TILE, margin=config.TILE_MARGIN):
     whole image."""
     height, width = x.shape[:2]
     if height * width <= config.WHOLE_PIXELS:
-        return predict_full(model, x, tta)
+        return predict_full(network, x, tta)
     assert tile % 16 == 0 and margin % 16 == 0, "tiles must keep the 16-pixel pooling grid"
     padded_height, padded_width = _multiple_of_16(height), _multiple_of_16(width)
     padded = data.pad_to(x, padded_height, padded_width)
-    probabilities = np.zeros((height, width, model.output_shape[-1]), dtype=np.float32)
+    probabilities = np.zeros((height, width, network.outputs), dtype=np.float32)
     for top in range(0, padded_height, tile):
         for left in range(0, padded_width, tile):
             window_top, window_left = max(top - margin, 0), max(left - margin, 0)
             window = padded[window_top:min(top + tile + margin, padded_height),
                             window_left:min(left + tile + margin, padded_width)]
-            out = predict_window(model, window, tta)
+            out = predict_window(network, window, tta)
             bottom, right = min(top + tile, height), min(left + tile, width)
             if bottom > top and right > left:
                 probabilities[top:bottom, left:right] = out[top - window_top:bottom - window_top,

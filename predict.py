@@ -23,6 +23,7 @@ import numpy as np
 
 import config
 import data
+import device
 import files
 import nuclei
 
@@ -74,6 +75,10 @@ def parse_args(argv):
                         help="score the submission against this solution CSV "
                              "(ImageId,EncodedPixels,Height,Width[,Usage]); by default the "
                              "downloaded one, when there is one and --test-dir is the default")
+    parser.add_argument("--score-dir", type=Path, action="append", default=[], metavar="FOLDER",
+                        help="also score every image of this DSB-layout folder, e.g. TNBC's "
+                             "histology: by group (an id up to its last '_', TNBC's slides) and "
+                             "over groups; repeatable")
     parser.add_argument("--threshold", type=probability,
                         help="probability above which a pixel is nucleus; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -82,6 +87,9 @@ def parse_args(argv):
     parser.add_argument("--tune", action="store_true",
                         help="choose threshold, seed_threshold and min_size on the validation "
                              "split and save them in the model's recipe")
+    parser.add_argument("--jit", choices=device.JIT_CHOICES, default="auto",
+                        help="compile the network with XLA (on) or as TensorFlow's plain graph "
+                             "(off); auto: the faster where it runs (see device.py)")
     parser.add_argument("--seed", type=int, default=config.SEED,
                         help="picks the sample images shown")
     parser.add_argument("--show", action="store_true",
@@ -200,6 +208,9 @@ def save_pictures(images, label_images, ids, out_dir):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.tune and args.model_path.resolve() == config.SHIPPED_MODEL.resolve():
+            raise files.InputError(f"{args.model_path}: --tune does not change the shipped model; "
+                                   "copy it and tune the copy (--model-path)")
         # --tune rewrites the model file: not while train.py may be replacing it.
         lock = (files.FileLock(args.model_path) if args.tune and args.model_path.is_file()
                 else contextlib.nullcontext())
@@ -215,6 +226,14 @@ def main(argv=None):
                                     "were")
     if skipped:
         sys.exit(1)
+
+
+def make_predictor(model, recipe, jit):
+    """The Predictor of both flows, on the path `--jit` and this machine give (said in a line)."""
+    compute = device.prediction_compute(jit)
+    if not config.is_notebook(recipe):
+        print(f"Prediction: {compute.describe()}")
+    return nuclei.Predictor(model, recipe, compute)
 
 
 def report_scores(scores, kinds, truths, preds):
@@ -245,6 +264,31 @@ def report_held_out(scores, groups):
         kind, height, width = group
         print(f"  {kind:<13} {f'{height}x{width}':>9} {len(chosen):>3} images  "
               f"{np.mean(chosen):.4f}")
+
+
+def image_group(id_):
+    """The group of an image id: up to its last "_" (TNBC's tnbc_<slide>_<n> gives its slide),
+    the whole id where it has none."""
+    return id_.rpartition("_")[0] or id_
+
+
+def report_folder(predictor, folder):
+    """The competition's score on every image of a DSB-layout folder, over images, over groups
+    (image_group; each counts once) and by group."""
+    import unet
+
+    ids = data.list_ids(folder)
+    images, truths = data.load_native(folder, ids)
+    preds = predictor.nuclei(images)
+    scores = [unet.competition_score(t, p) for t, p in zip(truths, preds)]
+    groups = [image_group(id_) for id_ in ids]
+    print(f"Competition score, {folder}: {np.mean(scores):.4f} over {len(ids)} images, "
+          f"{np.average(scores, weights=group_weights(groups)):.4f} over {len(set(groups))} "
+          f"groups (each counts once); {sum(int(t.max()) for t in truths):,} nuclei, "
+          f"{sum(int(p.max()) for p in preds):,} predicted")
+    for group in sorted(set(groups)):
+        chosen = [score for score, g in zip(scores, groups) if g == group]
+        print(f"  {group:<20} {len(chosen):>3} images  {np.mean(chosen):.4f}")
 
 
 def held_out_set(train_dir, train_ids, recipe):
@@ -315,11 +359,11 @@ def segment_images(args):
     recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
     if args.threshold is not None:
         recipe["threshold"] = args.threshold
-    if args.diameter and recipe["input"] == "rgb_128":
+    if args.diameter and config.is_notebook(recipe):
         raise files.InputError(f"{args.model_path}: --diameter needs a model of native "
                                "resolution (the notebook recipe shrinks every image to 128x128)")
     scale = config.NUCLEUS_DIAMETER / args.diameter if args.diameter else 1.0
-    predictor = nuclei.Predictor(model, recipe)
+    predictor = make_predictor(model, recipe, args.jit)
     for folder in ("labels", "overlays", "measurements"):
         (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
 
@@ -337,7 +381,7 @@ def segment_images(args):
             failed += 1
             continue
         image = data.scaled_image(pixels)
-        labels = predictor.nuclei_at_scale(image, scale)
+        labels = predictor.nuclei([image], scale)[0]
         count = int(labels.max())
         labels = labels.astype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
         files.write_atomic(outputs["labels"], lambda tmp: tifffile.imwrite(
@@ -394,6 +438,8 @@ def write_tables(out_dir, names):
 def predict(args):
     files.check_output_folder(args.out_dir, "--out-dir")
     solution = nuclei.read_solution(args.solution) if args.solution else None
+    for folder in args.score_dir:
+        data.list_ids(folder)  # a missing or empty folder is refused before any work
     import unet  # after the cheap checks: TensorFlow takes seconds to import
     model = unet.load_unet(args.model_path)
     recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
@@ -416,7 +462,7 @@ def predict(args):
               f"{plt.get_backend()}); writing the pictures only")
         args.show = False
 
-    predictor = nuclei.Predictor(model, recipe)
+    predictor = make_predictor(model, recipe, args.jit)
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
     val_probs = predictor.probabilities(val_images)
     held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split], recipe)
@@ -435,8 +481,7 @@ def predict(args):
         unet.write_recipe(args.model_path, recipe)
         print(f"Saved the best in {args.model_path}'s recipe: " +
               ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
-    val_preds = [predictor.resized(image, nuclei.nuclei_labels(prob, truth.shape, recipe))
-                 for prob, truth, image in zip(val_probs, val_truths, val_images)]
+    val_preds = predictor.nuclei(val_images, probs=val_probs)
     scores = [unet.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
     kinds = [data.image_kind(image) for image in val_images]
 
@@ -454,11 +499,12 @@ def predict(args):
     unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
     report_scores(scores, kinds, val_truths, val_preds)
     if groups:
-        held_scores = [unet.competition_score(t, predictor.resized(
-            image, nuclei.nuclei_labels(p, t.shape, recipe)))
-            for p, t, image in zip(held_probs, held_truths, held_images)]
+        held_scores = [unet.competition_score(t, p) for t, p in
+                       zip(held_truths, predictor.nuclei(held_images, probs=held_probs))]
         report_held_out(held_scores, groups)
-    if recipe["input"] == "rgb_128":
+    for folder in args.score_dir:
+        report_folder(predictor, folder)
+    if config.is_notebook(recipe):
         X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
         preds = model.predict(X, verbose=0) > recipe["threshold"]
         print(f"Notebook's metric (128x128, connected components of the merged masks): train "

@@ -9,12 +9,14 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 import config
 import data
+import device
 import files
 
 
@@ -59,6 +61,9 @@ def parse_args(argv):
                         help="train on all GPUs with MirroredStrategy")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="compute in float16 (GPU) or bfloat16 (CPU), keep weights in float32")
+    parser.add_argument("--jit", choices=device.JIT_CHOICES, default="auto",
+                        help="compile the training step with XLA (on) or as TensorFlow's plain "
+                             "graph (off); auto: the faster where it runs (see device.py)")
     return parser.parse_args(argv)
 
 
@@ -146,17 +151,6 @@ def crop_dataset(store, kinds, recipe, batch_size, seed):
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
-    """Whether the CPU computes bfloat16 natively (x86's AVX-512 BF16 or AMX, Arm's BF16); where
-    the flags cannot be read (not Linux), float32 is the safe guess."""
-    try:
-        with open(cpuinfo) as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def load_notebook_data(args):
     """The notebook's arrays; training as a shuffled stream, validation as arrays."""
     X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
@@ -193,6 +187,44 @@ def load_instance_data(args, recipe):
                 data.crop_store([inputs[n] for n in train], [labels[n] for n in train]),
                 kinds, recipe, batch_size, args.seed),
             len(train), X_val, Y_val)
+
+
+def code_version():
+    """The commit of the code that runs, with "-dirty" when files differ from it; None outside
+    a git checkout."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.ROOT, text=True,
+                                capture_output=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=config.ROOT, text=True, capture_output=True, timeout=10,
+                                 check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if changed else "")
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def run_record(args, compute, epochs, batch_size, n_train, n_val):
+    """What the model file records of its training, beside its recipe (unet.TRAINING_MEMBER):
+    how it ran and on what; BestCheckpoint adds the epochs run and the best epoch."""
+    import platform
+
+    return {"command": " ".join(["python", "train.py", *sys.argv[1:]]),
+            "epochs": epochs, "seed": args.seed, "batch_size": batch_size,
+            "policy": compute.policy, "jit": compute.jit, "train_dir": str(args.train_dir),
+            "training_images": n_train, "validation_images": n_val,
+            "resumed_at_epoch": None, "code": code_version(), "cpu": cpu_name(),
+            "machine": platform.machine(), "started": round(time.time())}
 
 
 def plot_history(csv_path, png_path):
@@ -272,7 +304,7 @@ def fit(args, recipe, lock):
         raise files.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
                                "or delete the folder to start over")
     existing = check_existing_model(model_path, recipe) if model_path.exists() else None
-    if recipe["input"] == "rgb_128":
+    if config.is_notebook(recipe):
         stream, n_train, X_val, Y_val = load_notebook_data(args)
     else:
         stream, n_train, X_val, Y_val = load_instance_data(args, recipe)
@@ -291,16 +323,10 @@ def fit(args, recipe, lock):
         print(f"Removing {partial}, left by a run killed while saving")
         partial.unlink()
     keras.utils.set_random_seed(args.seed)
-    policy = "float32"
-    if args.mixed_precision or recipe["mixed_precision"]:
-        if tf.config.list_logical_devices("GPU"):
-            policy = "mixed_float16"
-        elif cpu_has_bfloat16():
-            policy = "mixed_bfloat16"
-        else:
-            print("Mixed precision: this CPU has no bfloat16 instructions (emulated, a step took "
-                  "40 times longer), so training computes in float32")
-    keras.mixed_precision.set_global_policy(policy)
+    compute = device.training_compute(args.jit, args.mixed_precision or recipe["mixed_precision"],
+                                      config.is_notebook(recipe))
+    print(f"Compute: {compute.describe()}")
+    keras.mixed_precision.set_global_policy(compute.policy)
     if args.distribute:
         # All GPUs; on a machine without them, all (logical) CPU devices.
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -317,14 +343,18 @@ def fit(args, recipe, lock):
 
     steps = math.ceil(n_train / batch_size)
     with strategy.scope():
-        model = unet.build_unet(recipe=recipe, steps=epochs * steps)
+        model = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
     model.summary()
 
     initial_epoch = repair_backup(backup) if args.resume else 0
     if args.resume and not backup.exists():
         print(f"Nothing to resume (no {backup}): starting a new run")
     csv_path, png_path = history_paths(model_path)
-    checkpoint = unet.BestCheckpoint(model_path, best, recipe)
+    with strategy.scope():  # the saved file's model: the weights, no optimizer state
+        slim = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
+    training = run_record(args, compute, epochs, batch_size, n_train, len(X_val))
+    training["resumed_at_epoch"] = initial_epoch or None
+    checkpoint = unet.BestCheckpoint(model_path, best, recipe, slim, training)
     early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"],
                                                    verbose=1, restore_best_weights=True)
     record = unet.RunRecord(csv_path, backup, checkpoint, early_stopping, initial_epoch)
@@ -343,13 +373,17 @@ def fit(args, recipe, lock):
                         validation_data=(X_val, Y_val), batch_size=batch_size,
                         epochs=epochs, callbacks=callbacks,
                         shuffle=False)  # the dataset reshuffles itself every epoch
+    losses = history.history.get("loss", [])
+    if record.owns_model and checkpoint.saved:
+        # The whole run in the record: its epochs and time, not only up to the best epoch.
+        unet.write_recipe(model_path, recipe,
+                          checkpoint.training_record(initial_epoch + len(losses) - 1))
     if record.owns_model:
         plot_history(csv_path, png_path)
         print(f"History: {csv_path}, {png_path}")
     elif model_path.exists():
         print(f"This run did not improve on {model_path} (val_loss {best:.5f}): the model and "
               "its history are unchanged")
-    losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
         sys.exit(f"error: the loss became {losses[-1]} and training stopped; the best model so "
                  f"far is kept in {model_path}")

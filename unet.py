@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from keras import layers
 from scipy import ndimage
 
 import config
+import device
 import files
 from data import INPUT_CHANNELS
 
@@ -36,14 +38,15 @@ def conv_block(x, filters, dropout):
     return layers.Conv2D(filters, 3, activation="elu", kernel_initializer="he_normal", padding="same")(x)
 
 
-def build_unet(input_shape=None, recipe=None, steps=None):
+def build_unet(input_shape=None, recipe=None, steps=None, jit=None):
     """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
     The input shape defaults to config's image size, read at call time. Another recipe keeps the
     blocks and changes what is recipe data: the input (any size, its channels, already scaled
     by data.native_input), the number of outputs, whether the blocks keep their dropout, the loss,
-    and the learning rate's schedule over `steps` training steps."""
+    and the learning rate's schedule over `steps` training steps. `jit` is Keras' jit_compile;
+    by default device.py's choice for this machine."""
     recipe = recipe or config.RECIPES["notebook"]
-    notebook = recipe["input"] == "rgb_128"
+    notebook = config.is_notebook(recipe)
     if input_shape is None:
         input_shape = ((config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS) if notebook
                        else (None, None, INPUT_CHANNELS[recipe["input"]]))
@@ -64,21 +67,21 @@ def build_unet(input_shape=None, recipe=None, steps=None):
     # float32 output keeps the loss stable when --mixed-precision computes the rest in 16 bits.
     outputs = layers.Conv2D(recipe["outputs"], 1, activation="sigmoid", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
+    if jit is None:
+        jit = device.training_compute("auto", False, notebook).jit
     if notebook:
-        # jit_compile stays Keras' "auto": XLA on a GPU, not on a CPU (the metric is compiled
-        # by XLA either way).
-        model.compile(optimizer="adam", loss="binary_crossentropy", metrics=[my_iou_metric])
+        # The metric is compiled by XLA whatever `jit` is.
+        model.compile(optimizer="adam", loss="binary_crossentropy", metrics=[my_iou_metric],
+                      jit_compile=jit)
     else:
         learning_rate = 1e-3  # Adam's default, as the notebook's
         if recipe["lr_schedule"] == "cosine" and steps:
             learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-        # XLA on every device, not only where Keras's "auto" picks it (GPUs): on a 2-core CPU a
-        # step of 8 crops took 2.6 s compiled against 3.9 s (docs/performance.md).
         loss = bce_dice if recipe["loss"] == "bce_dice" else "binary_crossentropy"
         if recipe.get("gap_weight", 1.0) != 1:
             loss = GapWeightedBceDice(recipe["gap_weight"])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                      jit_compile=True)
+                      jit_compile=jit)
     return model
 
 
@@ -417,6 +420,7 @@ def my_iou_metric(y_true, y_pred):
 
 # The archive member that holds the recipe a model was trained with.
 RECIPE_MEMBER = "recipe.json"
+TRAINING_MEMBER = "training.json"
 
 
 def read_recipe(path):
@@ -457,7 +461,7 @@ def load_unet(path):
         raise files.InputError(f"{path}: damaged or incompatible model file ({message}); "
                                "retrain or restore it") from None
     recipe = read_recipe(path)
-    if recipe["input"] == "rgb_128":
+    if config.is_notebook(recipe):
         expected = (config.IMG_HEIGHT, config.IMG_WIDTH, config.IMG_CHANNELS)
         if tuple(model.input_shape[1:]) != expected:
             raise files.InputError(f"{path}: the model takes {model.input_shape[1:]} images, "
@@ -465,7 +469,7 @@ def load_unet(path):
     elif model.input_shape[-1] != INPUT_CHANNELS[recipe["input"]]:
         raise files.InputError(f"{path}: the model takes {model.input_shape[-1]} channels, its recipe "
                                f"({recipe['input']}) {INPUT_CHANNELS[recipe['input']]}")
-    if recipe["input"] == "rgb_128" and model.output_shape[1:3] != model.input_shape[1:3]:
+    if config.is_notebook(recipe) and model.output_shape[1:3] != model.input_shape[1:3]:
         raise files.InputError(f"{path}: the model's output is {model.output_shape[1:3]}, its input "
                                f"{model.input_shape[1:3]}: not a U-Net of this project")
     if model.output_shape[-1] != recipe["outputs"]:
@@ -477,42 +481,75 @@ def load_unet(path):
     return model
 
 
-def _with_recipe(model, recipe):
+def _members(model, members):
     def write(tmp):
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
+            for name, value in members.items():
+                archive.writestr(name, json.dumps(value, indent=1))
     return write
 
 
-def save_atomic(model, path, recipe=None):
+def save_atomic(model, path, recipe=None, training=None):
     """Write to a temporary file in the same folder, then rename: a kill or a full disk at any
     moment leaves either the old file or the new one, never a truncated one (ModelCheckpoint
-    truncates the old best file before writing the new one). The recipe goes into the same
-    archive, so that a model never travels without it."""
-    files.write_atomic(path, _with_recipe(model, recipe or config.RECIPES["notebook"]))
+    truncates the old best file before writing the new one). The recipe, and the record of how
+    the model was trained when given, go into the same archive, so that a model never travels
+    without them."""
+    members = {RECIPE_MEMBER: recipe or config.RECIPES["notebook"]}
+    if training is not None:
+        members[TRAINING_MEMBER] = training
+    files.write_atomic(path, _members(model, members))
 
 
-def write_recipe(path, recipe):
-    """Replace the recipe in a model file, atomically: a copy with the new recipe, renamed."""
+def write_recipe(path, recipe, training=None):
+    """Replace the recipe (and the training record, when given) in a model file, atomically: a
+    copy with the new members, renamed."""
+    members = {RECIPE_MEMBER: recipe, **({TRAINING_MEMBER: training} if training else {})}
+
     def write(tmp):
         with zipfile.ZipFile(path) as source, zipfile.ZipFile(tmp, "w") as target:
             for item in source.infolist():
-                if item.filename != RECIPE_MEMBER:
+                if item.filename not in members:
                     target.writestr(item, source.read(item))
-            target.writestr(RECIPE_MEMBER, json.dumps(recipe, indent=1))
+            for name, value in members.items():
+                target.writestr(name, json.dumps(value, indent=1))
     files.write_atomic(path, write)
+
+
+def read_training(path):
+    """The record of how a model was trained (train.py's run_record), or None for a model saved
+    without one."""
+    with zipfile.ZipFile(path) as archive:
+        if TRAINING_MEMBER not in archive.namelist():
+            return None
+        return json.loads(archive.read(TRAINING_MEMBER))
 
 
 class BestCheckpoint(keras.callbacks.Callback):
     """ModelCheckpoint(monitor='val_loss', save_best_only=True), made safe: the file is replaced
     atomically, a NaN or infinite val_loss is never "best", and the best value so far can come
-    from an existing model, so that it is only ever replaced by a better one."""
+    from an existing model, so that it is only ever replaced by a better one.
 
-    def __init__(self, path, best=math.inf, recipe=None):
+    With `slim`, a model of the same recipe whose optimizer was never built, the file gets the
+    weights in it: what prediction and a later run need, without Adam's moments (two thirds of
+    the file; --resume takes them from BackupAndRestore's folder). `training` (a dict) is
+    saved with it as the training record, with the epochs run and the best epoch."""
+
+    def __init__(self, path, best=math.inf, recipe=None, slim=None, training=None):
         super().__init__()
         self.path, self.recipe, self.best = Path(path), recipe, best
+        self.slim, self.training = slim, training
         self.saved = False  # whether this run has replaced the model file
+
+    def training_record(self, epoch):
+        """The training record after `epoch` (0-based), with the seconds since its "started"
+        (this process's, for a resumed run); None without one."""
+        if self.training is None:
+            return None
+        seconds = round(time.time() - self.training["started"]) if "started" in self.training \
+            else None
+        return {**self.training, "epochs_run": epoch + 1, "seconds": seconds}
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get("val_loss")
@@ -521,7 +558,13 @@ class BestCheckpoint(keras.callbacks.Callback):
         elif current < self.best:
             print(f"\nEpoch {epoch + 1}: val_loss improved from {self.best:.5f} to "
                   f"{current:.5f}, saving model to {self.path}")
-            save_atomic(self.model, self.path, self.recipe)
+            model = self.model
+            if self.slim is not None:
+                self.slim.set_weights(self.model.get_weights())
+                model = self.slim
+            if self.training is not None:
+                self.training["best_epoch"] = epoch + 1
+            save_atomic(model, self.path, self.recipe, self.training_record(epoch))
             self.best, self.saved = current, True
         else:
             print(f"\nEpoch {epoch + 1}: val_loss did not improve from {self.best:.5f}")

@@ -8,6 +8,7 @@ import pytest
 
 import config
 import data
+import device
 import nuclei
 import predict
 import train
@@ -110,24 +111,26 @@ def test_padded_prediction_equals_whole_image_prediction(small_instance_model):
     model = small_instance_model
     x = np.random.default_rng(2).random((40, 37, 1)).astype(np.float32)
     padded = data.pad_to(x, 48, 48)
-    network = nuclei.forward(model)
-    whole = network(padded[None])[0].numpy()
-    assert np.array_equal(nuclei.predict_full(model, x, tta=False), whole[:40, :37])
-    aligned = padded[:32, :48]
-    assert np.array_equal(nuclei.predict_full(model, aligned, tta=False),
-                          network(aligned[None])[0].numpy())
-    # XLA's compiled network computes what Keras's eager call does, up to float32 rounding.
-    assert np.allclose(whole, model(padded[None], training=False)[0].numpy(), atol=1e-5)
+    eager = model(padded[None], training=False)[0].numpy()
+    for jit in (True, False):
+        network = nuclei.Network(model, device.Compute(jit, "float32", "a test"))
+        whole = network(padded[None])[0]
+        assert np.array_equal(nuclei.predict_full(network, x, tta=False), whole[:40, :37])
+        aligned = padded[:32, :48]
+        assert np.array_equal(nuclei.predict_full(network, aligned, tta=False),
+                              network(aligned[None])[0])
+        # Both compiled paths compute what Keras's eager call does, up to float32 rounding.
+        assert np.allclose(whole, eager, atol=1e-5)
 
 
 def test_flip_averaging_commutes_with_flips(small_instance_model):
     x = np.random.default_rng(3).random((32, 48, 1)).astype(np.float32)
-    once = nuclei.predict_full(small_instance_model, x, tta=True)
-    flipped = nuclei.predict_full(small_instance_model, x[:, ::-1], tta=True)
+    network = nuclei.Network(small_instance_model, device.Compute(False, "float32", "a test"))
+    once = nuclei.predict_full(network, x, tta=True)
+    flipped = nuclei.predict_full(network, x[:, ::-1], tta=True)
     assert once.shape == (32, 48, 3)
     assert np.allclose(flipped[:, ::-1], once, atol=1e-6)
-    assert not np.allclose(nuclei.predict_full(small_instance_model, x, tta=False), once,
-                           atol=1e-6)
+    assert not np.allclose(nuclei.predict_full(network, x, tta=False), once, atol=1e-6)
 
 
 def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):

@@ -10,6 +10,7 @@ import tifffile
 
 import config
 import data
+import device
 import nuclei
 import predict
 from tests.conftest import disc, write_png
@@ -194,6 +195,7 @@ def network():
 def test_tiled_prediction_equals_whole_image_prediction(network, monkeypatch):
     monkeypatch.setattr(config, "WHOLE_PIXELS", 0)  # tile even this small image
     x = np.random.default_rng(0).random((176, 208, 1)).astype(np.float32)
+    network = nuclei.Network(network, device.Compute(True, "float32", "a test"))
     whole = nuclei.predict_full(network, x, tta=True)
     tiled = nuclei.predict_tiled(network, x, tta=True, tile=64, margin=128)
     # The same probabilities as the whole image gives, though every 64x64 square was predicted
@@ -208,7 +210,7 @@ def test_a_tile_border_through_a_nucleus_does_not_split_it(threshold_model, monk
     monkeypatch.setattr(config, "WHOLE_PIXELS", 0)
     image = data.scaled_image(discs(centres=[(64, 64)], radius=12))
     predictor = nuclei.Predictor(unet.load_unet(threshold_model), config.RECIPES["instance"])
-    prob = nuclei.predict_tiled(predictor.model, data.native_input(image, predictor.recipe),
+    prob = nuclei.predict_tiled(predictor.network, data.native_input(image, predictor.recipe),
                                 tta=False, tile=64, margin=32)
     labels = nuclei.nuclei_labels(prob, SHAPE, predictor.recipe)
     assert labels.max() == 1 and np.count_nonzero(labels) == disc(SHAPE, (64, 64), 12).sum()

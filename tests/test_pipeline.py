@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 
+import device
 import nuclei
 import predict
 import train
@@ -104,7 +105,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import config
 config.IMG_HEIGHT = config.IMG_WIDTH = {SMALL_SIZE}
 import train
-train.cpu_has_bfloat16 = lambda: True  # the bfloat16 path, whatever this CPU has
+import device
+device.cpu_has_bfloat16 = lambda: True  # the bfloat16 path, whatever this CPU has
 train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!r}, "--epochs", "1",
             "--batch-size", "4", "--no-cache", "--distribute", "--mixed-precision"])
 """
@@ -123,6 +125,6 @@ def test_bfloat16_only_where_the_cpu_has_its_instructions(tmp_path):
     with_bf16, without = tmp_path / "amx", tmp_path / "avx2"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
-    assert train.cpu_has_bfloat16(with_bf16)
-    assert not train.cpu_has_bfloat16(without)
-    assert not train.cpu_has_bfloat16(tmp_path / "missing")
+    assert device.cpu_has_bfloat16(with_bf16)
+    assert not device.cpu_has_bfloat16(without)
+    assert not device.cpu_has_bfloat16(tmp_path / "missing")
