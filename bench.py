@@ -7,7 +7,7 @@ In one run:
 
 1. loading: the notebook's loop (one resize per mask) against data.load_train, cold and from
    the cache, and a check that both give the same arrays;
-2. the metric: unet.iou_metric_batch and unet.my_iou_metric (TensorFlow, compiled by XLA)
+2. the metric: metrics.iou_metric_batch and metrics.my_iou_metric (TensorFlow, compiled by XLA)
    against the Kaggle kernel's on real masks and realistic predictions (eroded, dilated,
    shifted, speckled, empty), time per batch and equality;
 3. the compute bound: TensorFlow's float32 matmul FLOP/s on this machine and the U-Net's FLOPs
@@ -26,7 +26,11 @@ python bench.py --sections stream steps    # only these (the notebook arrays fro
 python bench.py --own-image big.tif --model-path models/instance.keras   # alone, in its process
 
 times one image as `predict.py --images` segments it: reading, the network (tiled above
-config.WHOLE_PIXELS), the post-processing, and the process's peak memory.
+config.WHOLE_PIXELS), the post-processing, and the process's peak memory;
+
+python bench.py --make-mosaic mosaic_4096.tif --test-dir data/stage1_test
+
+writes such an image: the test set's fluorescence images side by side, in 16 bits.
 
 The results are printed as they come and again at the end as a Markdown table for the README.
 """
@@ -45,6 +49,7 @@ import numpy as np
 import config
 import data
 import files
+import imagefiles
 import train
 
 # Matmul size for the compute bound: large enough to run at the machine's peak.
@@ -78,6 +83,13 @@ def parse_args(argv):
                              "and this process's peak memory")
     parser.add_argument("--model-path", type=Path, default=config.SHIPPED_MODEL,
                         help="the model for --own-image")
+    parser.add_argument("--make-mosaic", type=Path, metavar="PATH",
+                        help="instead, write a --mosaic-size square 16-bit TIFF of the "
+                             "fluorescence images of --test-dir side by side (repeated until "
+                             "it is full), the large image --own-image times")
+    parser.add_argument("--mosaic-size", type=int, default=4096, metavar="PIXELS")
+    parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
+                        help="the images of --make-mosaic")
     return parser.parse_args(argv)
 
 
@@ -193,7 +205,7 @@ def realistic_predictions(Y, seed=config.SEED):
 def bench_metric(Y):
     import tensorflow as tf
 
-    import unet
+    import metrics
     from tests import reference
 
     say("== 2. Metric " + "=" * 71)
@@ -205,26 +217,26 @@ def bench_metric(Y):
     # The tensors Keras hands the metric, already in TensorFlow.
     tensors = [(tf.constant(t), tf.constant(p)) for t, p in batches]
     # Warm up all three (imports, first-call allocations, XLA's compilation).
-    unet.iou_metric_batch(*batches[0])
+    metrics.iou_metric_batch(*batches[0])
     reference.iou_metric_batch_notebook(*batches[0])
-    _, t_compile = timed(lambda: unet.my_iou_metric(*tensors[0]).numpy())
-    fast, t_fast = timed(lambda: [unet.iou_metric_batch(t, p) for t, p in batches])
+    _, t_compile = timed(lambda: metrics.my_iou_metric(*tensors[0]).numpy())
+    fast, t_fast = timed(lambda: [metrics.iou_metric_batch(t, p) for t, p in batches])
     slow, t_slow = timed(lambda: [reference.iou_metric_batch_notebook(t, p) for t, p in batches])
-    compiled, t_compiled = timed(lambda: [unet.my_iou_metric(t, p).numpy() for t, p in tensors])
+    compiled, t_compiled = timed(lambda: [metrics.my_iou_metric(t, p).numpy() for t, p in tensors])
     per_fast, per_slow = t_fast / n_batches * 1e3, t_slow / n_batches * 1e3
     per_compiled = t_compiled / n_batches * 1e3
     identical = all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
     compiled_identical = all(np.array_equal(a, b) and a.dtype == b.dtype
                              for a, b in zip(fast, compiled))
     per_image_same = all(
-        unet.iou_metric(t, p) == reference.iou_metric_notebook(t, p)
+        metrics.iou_metric(t, p) == reference.iou_metric_notebook(t, p)
         for t, p in zip(y_true, y_pred))
     say(f"{n_batches} batches of {METRIC_BATCH} real {Y.shape[1]}x{Y.shape[2]} masks, "
         f"predictions: {', '.join(kinds)}")
     say(f"notebook (histogram2d) metric:  {per_slow:7.2f} ms per batch")
-    say(f"unet.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
+    say(f"metrics.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
         f"{per_slow / per_fast:5.1f}x faster")
-    say(f"unet.my_iou_metric (XLA):       {per_compiled:7.2f} ms per batch   "
+    say(f"metrics.my_iou_metric (XLA):       {per_compiled:7.2f} ms per batch   "
         f"{per_slow / per_compiled:5.1f}x faster (compiling it took {t_compile:.1f} s)")
     say(f"  batch values identical: {identical}; per-image values identical: {per_image_same}; "
         f"XLA metric's values identical: {compiled_identical}; mean score {np.mean(fast):.4f}")
@@ -536,14 +548,14 @@ def markdown(train_dir, n_images, results, others):
         rows += [
             ("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{metric['per_slow']:.2f} ms",
              "1x"),
-            ("Metric", f"`unet.iou_metric_batch`, batch of {METRIC_BATCH}",
+            ("Metric", f"`metrics.iou_metric_batch`, batch of {METRIC_BATCH}",
              f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
             ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
              "yes" if metric["identical"] else "**NO**", ""),
-            ("Metric", f"`unet.my_iou_metric` (TensorFlow, XLA), batch of {METRIC_BATCH}",
+            ("Metric", f"`metrics.my_iou_metric` (TensorFlow, XLA), batch of {METRIC_BATCH}",
              f"{metric['per_compiled']:.2f} ms",
              f"{metric['per_slow'] / metric['per_compiled']:.1f}x"),
-            ("Metric", "its values identical to `unet.iou_metric_batch`'s "
+            ("Metric", "its values identical to `metrics.iou_metric_batch`'s "
              f"({metric['n_batches']} batches)",
              "yes" if metric["compiled_identical"] else "**NO**", ""),
         ]
@@ -612,19 +624,43 @@ def markdown(train_dir, n_images, results, others):
     return "\n".join(lines)
 
 
+def make_mosaic(test_dir, path, size):
+    """The fluorescence images of `test_dir` (grey, in id order, x 257 to 16 bits) packed in
+    rows into a size x size image, repeated until it is full; the rest of a row stays black."""
+    import tifffile
+
+    ids = data.list_ids(test_dir)
+    images, _ = data.load_native(test_dir, ids, with_labels=False)
+    greys = [image.mean(axis=2).astype(np.uint16) * 257 for image in images
+             if data.image_kind(image) == "fluorescence"]
+    mosaic = np.zeros((size, size), np.uint16)
+    top = left = row_height = placed = 0
+    for grey in (greys[n % len(greys)] for n in range(10 ** 6)):
+        height, width = grey.shape
+        if left + width > size:
+            top, left, row_height = top + row_height, 0, 0
+        if top + height > size:
+            break
+        mosaic[top:top + height, left:left + width] = grey
+        left, row_height, placed = left + width, max(row_height, height), placed + 1
+    tifffile.imwrite(path, mosaic, compression="zlib")
+    say(f"{path}: {size}x{size}, {placed} placements of {len(greys)} fluorescence images of "
+        f"{test_dir}")
+
+
 def bench_own_image(path, model_path):
     """Seconds per megapixel of the network and of the post-processing for one image, nuclei
     found, and the peak resident memory of this process (Linux reports it in KiB)."""
     import resource
 
+    import checkpoints
     import device
     import nuclei
-    import unet
 
-    model, recipe = unet.load_unet(model_path), unet.read_recipe(model_path)
+    model, recipe = checkpoints.load_unet(model_path), checkpoints.read_recipe(model_path)
     started = time.perf_counter()
-    pixels = data.read_pixels(path)
-    image = data.scaled_image(pixels)
+    pixels = imagefiles.read_pixels(path)
+    image = imagefiles.scaled_image(pixels)
     read = time.perf_counter() - started
     x = data.native_input(image, recipe)
     compute = device.prediction_compute("auto")
@@ -641,6 +677,8 @@ def bench_own_image(path, model_path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.make_mosaic:
+        return make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
     if args.own_image:
         with files.one_line_warnings():
             try:

@@ -3,7 +3,10 @@
 Plain constants, no TensorFlow: `--help` and the data tests stay fast. The scripts take their
 flag defaults from here.
 """
+import json
 from pathlib import Path
+
+from files import InputError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -86,12 +89,12 @@ RECIPES = {
         "crop": 256,             # training crops; whole images at prediction, padded to x16
         "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
         # Gamma, blur, noise, a background gradient, wider contrast; and the grey mixed from the
-        # colour channels with random weights (data.training_crop): both raised the held-out
+        # colour channels with random weights (crops.training_crop): both raised the held-out
         # acquisitions' score and the usual one (docs/instance.md).
         "intensity_augment": True,
         "stain_augment": True,
         "scale_range": [0.5, 2.0],
-        "balance_kinds": False,  # draw rare kinds of image more often (see train.crop_dataset)
+        "balance_kinds": False,  # draw rare kinds of image more often (see crops.crop_dataset)
         # "acquisitions": train without the images of HELD_OUT_ACQUISITIONS, which predict.py
         # then scores as a second validation: images from sources the model has never seen.
         "holdout": "none",
@@ -106,7 +109,7 @@ RECIPES = {
         # each factor (nuclei.Predictor.probabilities_at_scale); [1.0] is none.
         "scales": [1.0],
         # "auto": images whose nuclei come out over 1.5x off the training size are predicted
-        # again, rescaled to it (nuclei.Predictor.resized)
+        # again, rescaled to it (nuclei.Predictor.nuclei)
         "rescale": "none",
         "batch_size": 8,
         "lr_schedule": "cosine",  # Adam's 1e-3 decayed to 0 over the run (cosine)
@@ -171,3 +174,50 @@ TILE_MARGIN = 128
 
 # Images larger than this are refused as decompression bombs; DSB2018's largest is 1040x1388.
 MAX_IMAGE_PIXELS = 64_000_000
+
+
+def recipe_with(recipe, settings, allowed=None):
+    """A copy of `recipe` with KEY=VALUE settings (JSON values, or plain words for text
+    settings: --set augment=false, --set input=rgb_native); each key must be one of the
+    recipe's (and of `allowed`), its value of the same type and, for text, one of its choices."""
+    recipe = dict(recipe)
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        keys = sorted(k for k in recipe if allowed is None or k in allowed)
+        if key not in keys:
+            raise InputError(f"--set {setting}: no setting {key!r} here "
+                             f"(settable: {', '.join(keys)})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            if not isinstance(recipe[key], str):
+                raise InputError(f"--set {setting}: {text!r} is not a JSON value") from None
+            value = text
+        if type(value) is not type(recipe[key]) and not (
+                type(value) is int and type(recipe[key]) is float):
+            raise InputError(f"--set {setting}: {key} takes a {type(recipe[key]).__name__}")
+        if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
+            raise InputError(f"--set {setting}: {key} is one of "
+                             f"{', '.join(RECIPE_CHOICES[key])}")
+        recipe[key] = value
+    scales = recipe.get("scales", [1.0])
+    if not scales or not all(type(s) in (int, float) and 0.25 <= s <= 4 for s in scales):
+        raise InputError(f"--set scales={json.dumps(scales)}: a list of input scales between "
+                         f"0.25 and 4, e.g. [0.7, 1, 1.4]")
+    if scales != [1.0] and is_notebook(recipe):
+        raise InputError("--set scales: the notebook recipe shrinks every image to 128x128, so "
+                         "there is no scale to vary")
+    if recipe.get("gap_weight", 1.0) != 1 and not (
+            recipe["loss"] == "bce_dice" and recipe["outputs"] == 3 and recipe["gap_weight"] > 0):
+        raise InputError(f"--set gap_weight={recipe['gap_weight']}: a positive weight of the gap "
+                         f"target, for loss=bce_dice with outputs=3")
+    if recipe.get("rescale") == "auto" and is_notebook(recipe):
+        raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
+                         "128x128, so there is no nucleus size to match")
+    if recipe.get("stain_augment") and recipe["input"] != "grey_native":
+        raise InputError("--set stain_augment=true: mixes the colour channels into grey, so it "
+                         "needs input=grey_native")
+    if recipe["post"] == "watershed" and recipe["outputs"] < 3:
+        raise InputError(f"--set: the watershed needs the contour and gap outputs (outputs=3), "
+                         f"not outputs={recipe['outputs']}")
+    return recipe

@@ -12,6 +12,7 @@ Kinds not measured (an AVX-512 CPU without BF16, Arm) keep XLA, the path they ha
 from dataclasses import dataclass
 
 JIT_CHOICES = ("auto", "on", "off")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,13 @@ def training_compute(setting, mixed, notebook):
     return Compute(jit, policy, why + note)
 
 
-def prediction_compute(setting):
-    """The prediction path: bfloat16 on a CPU that computes it natively (4.7x the float32 XLA
-    network on one window, the same nuclei within the tolerance of tests/test_device.py),
-    float32 elsewhere."""
+def prediction_compute(setting, precision="auto"):
+    """The prediction path: `precision` auto is bfloat16 on a CPU that computes it natively
+    (docs/performance.md: the same scores within 0.002, a third of float32's time), float32
+    elsewhere; float32 or bfloat16 force it."""
     gpu, bfloat16 = has_gpu(), cpu_has_bfloat16()
     jit, why = choose_jit(setting, gpu, bfloat16)
-    policy = "mixed_bfloat16" if bfloat16 and not gpu else "float32"
+    if precision == "auto":
+        precision = "bfloat16" if bfloat16 and not gpu else "float32"
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[precision]
     return Compute(jit, policy, why)

@@ -48,7 +48,8 @@ def fetch(url, path):
                 continue
             raise InputError(f"{url}: HTTP {error.code} {error.reason}") from None
         except OSError as error:  # URLError, refused, timed out, no route, unknown host
-            raise InputError(f"{url}: cannot download ({getattr(error, 'reason', error)})") from None
+            reason = getattr(error, "reason", error)
+            raise InputError(f"{url}: cannot download ({reason})") from None
         with response:
             if response.status != 206:  # the server ignored the Range: the whole file comes
                 start = 0

@@ -5,6 +5,7 @@ import numpy as np
 import config
 import data
 import files
+import imagefiles
 
 
 def run_lengths(labels):
@@ -120,7 +121,8 @@ class Predictor:
     def probabilities(self, images):
         if config.is_notebook(self.recipe):
             size = (config.IMG_HEIGHT, config.IMG_WIDTH)
-            X = np.stack([data.shrink_image(data.display_image(image), size) for image in images])
+            X = np.stack([data.shrink_image(imagefiles.display_image(image), size)
+                          for image in images])
             return list(self.model.predict(X, verbose=0))
         return [self.probabilities_at_scale(image, 1.0) for image in images]
 
@@ -309,13 +311,12 @@ TUNE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "seed_threshold": [0.3
              "min_size": [0, 8, 16, 32, 64]}
 
 
-def tune(probs, truths, recipe, weights=None):
-    """The post-processing settings with the best mean competition score, weighted per image by
-    `weights` (equal by default): [(score, settings)] best first. min_size is tried last, on each
-    segmentation."""
+def tune(probs, truths, recipe):
+    """The post-processing settings with the best mean competition score: [(score, settings)]
+    best first. min_size is tried last, on each segmentation."""
     import itertools
 
-    import unet
+    import metrics
 
     grid = dict(TUNE_GRID)
     if recipe["post"] == "components":
@@ -325,8 +326,8 @@ def tune(probs, truths, recipe, weights=None):
         settings = {**recipe, "threshold": threshold, "seed_threshold": seed_threshold}
         segmented = [segment(p, t.shape, settings) for p, t in zip(probs, truths)]
         for min_size in grid["min_size"]:
-            score = np.average([unet.competition_score(t, drop_small(s, min_size))
-                                for t, s in zip(truths, segmented)], weights=weights)
+            score = np.average([metrics.competition_score(t, drop_small(s, min_size))
+                                for t, s in zip(truths, segmented)])
             chosen = {"threshold": threshold, "seed_threshold": seed_threshold,
                       "min_size": min_size}
             results.append((float(score), {k: v for k, v in chosen.items() if v is not None}))

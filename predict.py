@@ -16,7 +16,6 @@ import contextlib
 import math
 import random
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import data
 import device
 import files
 import nuclei
+import pictures
 
 
 def probability(text):
@@ -39,6 +39,13 @@ def positive(text):
     value = float(text)
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
     return value
 
 
@@ -90,6 +97,9 @@ def parse_args(argv):
     parser.add_argument("--jit", choices=device.JIT_CHOICES, default="auto",
                         help="compile the network with XLA (on) or as TensorFlow's plain graph "
                              "(off); auto: the faster where it runs (see device.py)")
+    parser.add_argument("--precision", choices=device.PRECISIONS, default="auto",
+                        help="the network's arithmetic; auto: bfloat16 on a CPU that computes it "
+                             "natively (AVX-512 BF16, AMX), else float32")
     parser.add_argument("--seed", type=int, default=config.SEED,
                         help="picks the sample images shown")
     parser.add_argument("--show", action="store_true",
@@ -113,96 +123,25 @@ def parse_args(argv):
                           f"images' median), and the nuclei back")
     own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
                      help="microns per pixel: measurements in microns too")
+    own.add_argument("--workers", type=positive_int, metavar="N",
+                     help="segment on a Dask LocalCluster of N worker processes, each loading "
+                          "the model once and using its share of the cores")
+    own.add_argument("--scheduler", metavar="ADDRESS",
+                     help="segment on the workers of a running Dask scheduler (e.g. "
+                          "tcp://host:8786); --out-dir must be visible to them")
     own.add_argument("--overwrite", action="store_true",
                      help="redo images whose outputs exist (by default a rerun skips them)")
     args = parser.parse_args(argv)
+    if args.workers and args.scheduler:
+        parser.error("--workers and --scheduler: choose one")
+    if (args.workers or args.scheduler) and not args.images:
+        parser.error("--workers and --scheduler segment --images")
     if args.model_path is None:
         args.model_path = default_model()
     if args.solution is None and args.test_dir == config.TEST_PATH:
         # The downloaded solution describes the downloaded test images only.
         args.solution = config.SOLUTION_PATH
     return args
-
-
-def save_triptych(plt, image, truth, prediction, title, path):
-    """Image / Mask / Prediction side by side, the nuclei of both label images in colours (one
-    per nucleus), so that merged and split nuclei show."""
-    from skimage.color import label2rgb
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    pictures = (image, label2rgb(truth, bg_label=0), label2rgb(prediction, bg_label=0))
-    for ax, picture, name in zip(axes, pictures, ("Image", "Mask", "Prediction")):
-        ax.imshow(picture)
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    print(f"Wrote {path}")
-
-
-def overlay(image, labels):
-    """The image (H, W, 3) with each nucleus of `labels` outlined (its inner boundary) in its own
-    colour, the triptychs' colours."""
-    from skimage.color import label2rgb
-    from skimage.segmentation import find_boundaries
-
-    edges = find_boundaries(labels, mode="inner")
-    picture = image.copy()
-    if not edges.any():
-        return picture
-    # Colours by rank among the labels, as label2rgb gives the whole image (every nucleus has
-    # boundary pixels), at the memory of the boundaries only.
-    colours = label2rgb(labels[edges][None], bg_label=0)[0]
-    picture[edges] = (colours * 255).round().astype(np.uint8)
-    return picture
-
-
-# The contact sheet: each test image fitted into a TILE x TILE square, a caption strip below.
-TILE = 200
-CAPTION = 14
-
-
-def contact_sheet(images, label_images, ids):
-    """All the test images in one PIL image, ceil(sqrt(n)) to a row, nuclei outlined at the
-    tile's size (outlines drawn at full size would vanish in the shrinking), each captioned with
-    the start of its id and its number of nuclei."""
-    from PIL import Image, ImageDraw
-
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)))
-    draw = ImageDraw.Draw(sheet)
-    for n, (image, labels, id_) in enumerate(zip(images, label_images, ids)):
-        scale = TILE / max(image.shape[:2])
-        size = (max(round(image.shape[1] * scale), 1), max(round(image.shape[0] * scale), 1))
-        small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        small_labels = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
-        left, top = (n % columns) * TILE, (n // columns) * (TILE + CAPTION)
-        sheet.paste(Image.fromarray(overlay(small, small_labels)), (left, top))
-        draw.text((left + 2, top + TILE + 1), f"{id_[:8]}  {labels.max()} nuclei", fill="white")
-    return sheet
-
-
-def save_pictures(images, label_images, ids, out_dir):
-    """`out_dir/overlays/<id>.png` for each image (only this run's: older ones removed) and
-    `out_dir/contact_sheet.png`; returns the sheet."""
-    from PIL import Image
-
-    folder = out_dir / "overlays"
-    folder.mkdir(exist_ok=True)
-    for old in folder.glob("*.png"):
-        if old.stem not in ids:
-            old.unlink()
-    for image, labels, id_ in zip(images, label_images, ids):
-        picture = Image.fromarray(overlay(image, labels))
-        files.write_atomic(folder / f"{id_}.png", lambda tmp: picture.save(tmp, format="PNG"))
-    print(f"Wrote {folder}: {len(ids)} test images with their predicted nuclei outlined")
-    sheet = contact_sheet(images, label_images, ids)
-    path = out_dir / "contact_sheet.png"
-    files.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
-    print(f"Wrote {path}")
-    return sheet
 
 
 def main(argv=None):
@@ -228,19 +167,14 @@ def main(argv=None):
         sys.exit(1)
 
 
-def make_predictor(model, recipe, jit):
-    """The Predictor of both flows, on the path `--jit` and this machine give (said in a line)."""
-    compute = device.prediction_compute(jit)
-    if not config.is_notebook(recipe):
-        print(f"Prediction: {compute.describe()}")
-    return nuclei.Predictor(model, recipe, compute)
+TUNED = " - tuned on these images by this run's --tune, so optimistic"
 
 
-def report_scores(scores, kinds, truths, preds):
+def report_scores(scores, kinds, truths, preds, tuned=False):
     """The competition's score on the validation split, overall and by kind of image."""
     print(f"\nCompetition score (original resolution, every mask file one nucleus), validation: "
           f"{np.mean(scores):.4f} ({len(scores)} images, {sum(int(t.max()) for t in truths):,} "
-          f"nuclei, {sum(int(p.max()) for p in preds):,} predicted)")
+          f"nuclei, {sum(int(p.max()) for p in preds):,} predicted)" + (TUNED if tuned else ""))
     for kind in data.KINDS:
         chosen = [score for score, k in zip(scores, kinds) if k == kind]
         value = f"{np.mean(chosen):.4f}" if chosen else "-"
@@ -275,12 +209,12 @@ def image_group(id_):
 def report_folder(predictor, folder):
     """The competition's score on every image of a DSB-layout folder, over images, over groups
     (image_group; each counts once) and by group."""
-    import unet
+    import metrics
 
     ids = data.list_ids(folder)
     images, truths = data.load_native(folder, ids)
     preds = predictor.nuclei(images)
-    scores = [unet.competition_score(t, p) for t, p in zip(truths, preds)]
+    scores = [metrics.competition_score(t, p) for t, p in zip(truths, preds)]
     groups = [image_group(id_) for id_ in ids]
     print(f"Competition score, {folder}: {np.mean(scores):.4f} over {len(ids)} images, "
           f"{np.average(scores, weights=group_weights(groups)):.4f} over {len(set(groups))} "
@@ -301,218 +235,136 @@ def held_out_set(train_dir, train_ids, recipe):
     return images, truths, [data.acquisition(image) for image in images]
 
 
-def image_files(paths, recursive):
-    """[(path, output name)] of the images to segment: files as given, and each folder's image
-    files (data.IMAGE_SUFFIXES, hidden ones left out), sorted; a name is the path below its
-    folder with "__" for each "/". Other files in a folder are named in a warning."""
-    found = []
-    for path in paths:
-        if path.is_dir():
-            members = sorted(p for p in path.glob("**/*" if recursive else "*")
-                             if p.is_file() and not any(part.startswith(".")
-                                                        for part in p.relative_to(path).parts))
-            for member in members:
-                if member.suffix.lower() in data.IMAGE_SUFFIXES:
-                    name = member.relative_to(path).with_suffix("").as_posix().replace("/", "__")
-                    found.append((member, name))
-                else:
-                    warnings.warn(f"{member}: not an image file ({member.suffix or 'no suffix'}), "
-                                  "ignored")
-        elif path.exists() or path.is_symlink():  # a broken link is reported when read
-            found.append((path, path.stem))
-        else:
-            raise files.InputError(f"{path}: no such file or folder (--images)")
-    if not found:
-        raise files.InputError(f"{', '.join(map(str, paths))}: no images in it (--images reads "
-                               f"{', '.join(data.IMAGE_SUFFIXES)})")
-    first = {}
-    for path, name in found:
-        if name in first:
-            raise files.InputError(f"{first[name]} and {path}: both would be written as {name}; "
-                                   "rename one or segment them apart")
-        first[name] = path
-    return found
+def model_recipe(args):
+    """--model-path's model (checkpoints.load_unet's checks) and its recipe with --set and
+    --threshold applied, checked against the flags."""
+    import checkpoints  # after the cheap checks: TensorFlow takes seconds to import
+
+    model = checkpoints.load_unet(args.model_path)
+    recipe = config.recipe_with(checkpoints.read_recipe(args.model_path), args.set,
+                                config.POST_SETTINGS)
+    if args.threshold is not None:
+        recipe["threshold"] = args.threshold
+    if args.images and args.diameter and config.is_notebook(recipe):
+        raise files.InputError(f"{args.model_path}: --diameter needs a model of native "
+                               "resolution (the notebook recipe shrinks every image to 128x128)")
+    return model, recipe
 
 
-def image_outputs(out_dir, name):
-    """An image's output files; its summary (the last one written) marks it done."""
-    return {"labels": out_dir / "labels" / f"{name}.tif",
-            "overlay": out_dir / "overlays" / f"{name}.png",
-            "nuclei": out_dir / "measurements" / f"{name}.csv",
-            "summary": out_dir / "measurements" / f"{name}.json"}
+def load_predictor(args):
+    """The Predictor of both flows: model_recipe's model and recipe, on the path --jit,
+    --precision and this machine give (said in a line)."""
+    model, recipe = model_recipe(args)
+    compute = device.prediction_compute(args.jit, args.precision)
+    if not config.is_notebook(recipe):
+        print(f"Prediction: {compute.describe()}")
+    return nuclei.Predictor(model, recipe, compute)
 
 
 def segment_images(args):
-    """`--images`: each image's nuclei written as soon as it is done; the tables over all of
-    them rewritten after each. Returns the number of files that could not be segmented."""
-    import json
-    import time
-
-    import tifffile
-    from PIL import Image
-    from tqdm import tqdm
+    """--images, in this process or (--workers, --scheduler) on a Dask cluster, after the checks
+    that need no model."""
+    import own_images
 
     files.check_output_folder(args.out_dir, "--out-dir")
-    images = image_files(args.images, args.recursive)
-    import unet  # after the cheap checks: TensorFlow takes seconds to import
-    model = unet.load_unet(args.model_path)
-    recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
-    if args.threshold is not None:
-        recipe["threshold"] = args.threshold
-    if args.diameter and config.is_notebook(recipe):
-        raise files.InputError(f"{args.model_path}: --diameter needs a model of native "
-                               "resolution (the notebook recipe shrinks every image to 128x128)")
+    images = own_images.image_files(args.images, args.recursive)
     scale = config.NUCLEUS_DIAMETER / args.diameter if args.diameter else 1.0
-    predictor = make_predictor(model, recipe, args.jit)
-    for folder in ("labels", "overlays", "measurements"):
-        (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
-
-    done, failed, total_nuclei, start = 0, 0, 0, time.perf_counter()
-    for path, name in tqdm(images, desc="images", unit="image"):
-        outputs = image_outputs(args.out_dir, name)
-        if outputs["summary"].exists() and not args.overwrite:
-            done += 1
-            continue
-        began = time.perf_counter()
-        try:
-            pixels = data.read_pixels(path, args.channel)
-        except files.InputError as error:
-            warnings.warn(f"{error}; skipped")
-            failed += 1
-            continue
-        image = data.scaled_image(pixels)
-        labels = predictor.nuclei([image], scale)[0]
-        count = int(labels.max())
-        labels = labels.astype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
-        files.write_atomic(outputs["labels"], lambda tmp: tifffile.imwrite(
-            tmp, labels, compression="zlib"))
-        picture = Image.fromarray(overlay(data.display_image(image), labels))
-        files.write_atomic(outputs["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
-        table = nuclei.measure(labels, pixels, args.pixel_size)
-        table.insert(0, "image", name)
-        files.write_atomic(outputs["nuclei"], lambda tmp: table.to_csv(tmp, index=False))
-        areas = table["area"]
-        summary = {"image": name, "file": str(path), "height": labels.shape[0],
-                   "width": labels.shape[1], "nuclei": count,
-                   "mean_area": float(areas.mean()) if count else None,
-                   "median_area": float(areas.median()) if count else None,
-                   "covered": float(np.count_nonzero(labels) / labels.size),
-                   "seconds": round(time.perf_counter() - began, 2)}
-        if args.pixel_size:
-            summary["mean_area_um2"] = (summary["mean_area"] * args.pixel_size ** 2
-                                        if count else None)
-        files.write_atomic(outputs["summary"],
-                           lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
-        total_nuclei += count
-        write_tables(args.out_dir, [name for _, name in images])
-    write_tables(args.out_dir, [name for _, name in images])
-    made = len(images) - done - failed
-    print(f"Segmented {made} images ({total_nuclei:,} nuclei) in "
-          f"{time.perf_counter() - start:.1f} s into {args.out_dir}"
-          + (f"; {done} already done (--overwrite redoes them)" if done else "")
-          + (f"; {failed} skipped, see the warnings above" if failed else ""))
-    return failed
+    if args.workers or args.scheduler:
+        recipe = model_recipe(args)[1]
+        made_by = own_images.fingerprint(args.model_path, recipe, args)
+        results = own_images.cluster_results(args, recipe, scale, made_by)
+    else:
+        predictor = load_predictor(args)
+        made_by = own_images.fingerprint(args.model_path, predictor.recipe, args)
+        results = own_images.local_results(predictor, args, scale, made_by)
+    return own_images.segment_images(args, images, made_by, results)
 
 
-def write_tables(out_dir, names):
-    """nuclei.csv and images.csv of the images of this run that are done, in the run's order."""
-    import json
-
-    import pandas as pd
-
-    summaries, tables = [], []
-    for name in names:
-        outputs = image_outputs(out_dir, name)
-        if outputs["summary"].exists():
-            summaries.append(json.loads(outputs["summary"].read_text()))
-            tables.append(pd.read_csv(outputs["nuclei"]))
-    if not summaries:
-        return
-    # Images without nuclei add no rows (and concat warns about empty tables).
-    nuclei_table = pd.concat([t for t in tables if len(t)] or tables[:1], ignore_index=True)
-    files.write_atomic(out_dir / "nuclei.csv", lambda tmp: nuclei_table.to_csv(tmp, index=False))
-    images_table = pd.DataFrame(summaries)
-    files.write_atomic(out_dir / "images.csv", lambda tmp: images_table.to_csv(tmp, index=False))
-
-
-def predict(args):
-    files.check_output_folder(args.out_dir, "--out-dir")
-    solution = nuclei.read_solution(args.solution) if args.solution else None
-    for folder in args.score_dir:
-        data.list_ids(folder)  # a missing or empty folder is refused before any work
-    import unet  # after the cheap checks: TensorFlow takes seconds to import
-    model = unet.load_unet(args.model_path)
-    recipe = data.recipe_with(unet.read_recipe(args.model_path), args.set, config.POST_SETTINGS)
-    if args.threshold is not None:
-        recipe["threshold"] = args.threshold
-    ids = data.list_ids(args.train_dir)
-    split = data.split_index(len(ids), args.train_dir)
-    test_ids = data.list_ids(args.test_dir)
-
+def pyplot(show):
+    """matplotlib's pyplot, headless unless --show and a display can open windows."""
     import matplotlib
-    if not args.show:
+    if not show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backends import BackendFilter, backend_registry
 
-    if args.show and plt.get_backend().lower() not in backend_registry.list_builtin(
+    if show and plt.get_backend().lower() not in backend_registry.list_builtin(
             BackendFilter.INTERACTIVE):
         # No display (or no GUI toolkit): matplotlib fell back to a file-only backend.
         print(f"--show: no display to open windows on (matplotlib's backend is "
               f"{plt.get_backend()}); writing the pictures only")
-        args.show = False
+        return plt, False
+    return plt, show
 
-    predictor = make_predictor(model, recipe, args.jit)
+
+def tune(args, predictor, probs, truths):
+    """--tune: the post-processing settings with the best score on the validation split, saved
+    in the model's recipe. Never on the held-out acquisitions: they stay images the model's
+    settings were not chosen on."""
+    import checkpoints
+
+    results = nuclei.tune(probs, truths, predictor.recipe)
+    print("\nCompetition score on the validation split by post-processing setting (best 10):")
+    for score, settings in results[:10]:
+        print(f"  {score:.4f}  " + "  ".join(f"{k}={v}" for k, v in settings.items()))
+    predictor.recipe.update(results[0][1])
+    checkpoints.write_recipe(args.model_path, predictor.recipe)
+    print(f"Saved the best in {args.model_path}'s recipe: " +
+          ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
+
+
+def score_training_folder(args, predictor, plt, ids, split):
+    """The validation split's scores (and the held-out acquisitions'), after --tune when asked,
+    and the triptychs of a training and a validation image."""
+    import metrics
+
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
     val_probs = predictor.probabilities(val_images)
-    held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split], recipe)
+    held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split],
+                                                    predictor.recipe)
     held_probs = predictor.probabilities(held_images) if groups else []
     if args.tune:
-        # With held-out acquisitions, the settings must hold up on both: each score counts half.
-        weights = ([0.5 / len(val_probs)] * len(val_probs)
-                   + [0.5 * w for w in group_weights(groups)]) if groups else None
-        results = nuclei.tune(val_probs + held_probs, val_truths + held_truths, recipe, weights)
-        which = "the validation split and the held-out acquisitions" if groups else \
-            "the validation split"
-        print(f"\nCompetition score on {which} by post-processing setting (best 10):")
-        for score, settings in results[:10]:
-            print(f"  {score:.4f}  " + "  ".join(f"{k}={v}" for k, v in settings.items()))
-        recipe.update(results[0][1])
-        unet.write_recipe(args.model_path, recipe)
-        print(f"Saved the best in {args.model_path}'s recipe: " +
-              ", ".join(f"{k}={v}" for k, v in results[0][1].items()))
+        tune(args, predictor, val_probs, val_truths)
     val_preds = predictor.nuclei(val_images, probs=val_probs)
-    scores = [unet.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
-    kinds = [data.image_kind(image) for image in val_images]
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    scores = [metrics.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
     rng = random.Random(args.seed)
     ix, iv = rng.randrange(split), rng.randrange(len(ids) - split)
     train_images, train_truths = data.load_native(args.train_dir, [ids[ix]])
-    save_triptych(plt, train_images[0], train_truths[0], predictor.nuclei(train_images)[0],
-                  f"train: {ids[ix]}", args.out_dir / "train_sample.png")
-    save_triptych(plt, val_images[iv], val_truths[iv], val_preds[iv],
-                  f"validation: {ids[split + iv]}, competition score {scores[iv]:.3f}",
-                  args.out_dir / "val_sample.png")
-
+    pictures.save_triptych(plt, train_images[0], train_truths[0],
+                           predictor.nuclei(train_images)[0], f"train: {ids[ix]}",
+                           args.out_dir / "train_sample.png")
+    pictures.save_triptych(plt, val_images[iv], val_truths[iv], val_preds[iv],
+                           f"validation: {ids[split + iv]}, competition score {scores[iv]:.3f}",
+                           args.out_dir / "val_sample.png")
     print(f"\nCompetition score of validation image {ids[split + iv]}:")
-    unet.competition_score(val_truths[iv], val_preds[iv], print_table=True)
-    report_scores(scores, kinds, val_truths, val_preds)
+    metrics.competition_score(val_truths[iv], val_preds[iv], print_table=True)
+    report_scores(scores, [data.image_kind(image) for image in val_images], val_truths,
+                  val_preds, tuned=args.tune)
     if groups:
-        held_scores = [unet.competition_score(t, p) for t, p in
+        held_scores = [metrics.competition_score(t, p) for t, p in
                        zip(held_truths, predictor.nuclei(held_images, probs=held_probs))]
         report_held_out(held_scores, groups)
-    for folder in args.score_dir:
-        report_folder(predictor, folder)
-    if config.is_notebook(recipe):
-        X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
-        preds = model.predict(X, verbose=0) > recipe["threshold"]
-        print(f"Notebook's metric (128x128, connected components of the merged masks): train "
-              f"{unet.iou_metric_batch(Y[:split], preds[:split]):.4f} ({split} images), "
-              f"validation {unet.iou_metric_batch(Y[split:], preds[split:]):.4f} "
-              f"({len(X) - split} images)")
 
+
+def notebook_metric(args, predictor, split):
+    """The notebook's own metric at 128x128, for the notebook recipe."""
+    import metrics
+
+    X, Y, _ = data.load_train(args.train_dir,
+                              cache_dir=None if args.no_cache else config.CACHE_DIR)
+    preds = predictor.model.predict(X, verbose=0) > predictor.recipe["threshold"]
+    print(f"Notebook's metric (128x128, connected components of the merged masks): train "
+          f"{metrics.iou_metric_batch(Y[:split], preds[:split]):.4f} ({split} images), "
+          f"validation {metrics.iou_metric_batch(Y[split:], preds[split:]):.4f} "
+          f"({len(X) - split} images)")
+
+
+def write_submission(args, predictor, test_ids, solution):
+    """submission.csv of the test images, scored against --solution when given; returns the
+    test images and their nuclei."""
     import pandas as pd
+
+    import metrics
 
     test_images, _ = data.load_native(args.test_dir, test_ids, with_labels=False)
     test_preds = predictor.nuclei(test_images)
@@ -525,12 +377,35 @@ def predict(args):
     if solution is not None:
         shapes = {id_: labels.shape for id_, labels in solution.items()}
         submitted = nuclei.labels_from_rows([row for row in rows if row[0] in shapes], shapes)
-        test_scores = [unet.competition_score(solution[id_], submitted[id_]) for id_ in solution]
+        test_scores = [metrics.competition_score(solution[id_], submitted[id_])
+                       for id_ in solution]
         print(f"Competition score of {csv_path} against {args.solution}: "
               f"{np.mean(test_scores):.4f} ({len(solution)} images, "
-              f"{sum(int(l.max()) for l in solution.values()):,} nuclei; images missing from the "
-              f"submission score 0)")
-    sheet = save_pictures(test_images, test_preds, test_ids, args.out_dir)
+              f"{sum(int(t.max()) for t in solution.values()):,} nuclei; images missing from "
+              f"the submission score 0)")
+    return test_images, test_preds
+
+
+def predict(args):
+    """The DSB flow: validation scores and triptychs, --score-dir folders, the submission and
+    the test images' overlays and contact sheet."""
+    files.check_output_folder(args.out_dir, "--out-dir")
+    solution = nuclei.read_solution(args.solution) if args.solution else None
+    for folder in args.score_dir:
+        data.list_ids(folder)  # a missing or empty folder is refused before any work
+    ids = data.list_ids(args.train_dir)
+    split = data.split_index(len(ids), args.train_dir)
+    test_ids = data.list_ids(args.test_dir)
+    predictor = load_predictor(args)
+    plt, args.show = pyplot(args.show)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    score_training_folder(args, predictor, plt, ids, split)
+    for folder in args.score_dir:
+        report_folder(predictor, folder)
+    if config.is_notebook(predictor.recipe):
+        notebook_metric(args, predictor, split)
+    test_images, test_preds = write_submission(args, predictor, test_ids, solution)
+    sheet = pictures.save_pictures(test_images, test_preds, test_ids, args.out_dir)
     if note := data.sample_note(args.train_dir):
         print(note)
     if args.show:

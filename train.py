@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import config
+import crops
 import data
 import device
 import files
@@ -113,44 +114,6 @@ def training_dataset(X, Y, batch_size, seed):
             .batch(batch_size).repeat().prefetch(tf.data.AUTOTUNE))
 
 
-def crop_dataset(store, kinds, recipe, batch_size, seed):
-    """The instance recipe's training stream from a data.crop_store: every epoch as many random
-    augmented crops (data.training_crop) as there are training images: one of each image in a
-    new order, or with `balance_kinds` images drawn so that each kind of image gets a share
-    proportional to the square root of its count (rare kinds seen more often, without
-    repeating their few images endlessly).
-
-    A parallel tf.data map, outside Python's lock: each crop's random numbers drawn in plain
-    TensorFlow, its pixels and targets compiled by XLA (data.training_crop), on every core
-    (a Python generator made 41 crops a second on one core; this makes hundreds on each, see
-    docs/performance.md). Crop k of the stream draws its random numbers from (seed, k) alone,
-    and the map keeps the stream's order, so that a seed gives the same batches and a resumed
-    run can skip the batches it has trained on."""
-    import tensorflow as tf
-
-    images = len(kinds)
-    counts = {kind: kinds.count(kind) for kind in set(kinds)}
-    log_weights = tf.math.log(tf.constant([[counts[kind] ** -0.5 for kind in kinds]]))
-
-    def epoch_order(epoch):
-        epoch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - epoch])  # apart from crops'
-        if recipe["balance_kinds"]:
-            order = tf.random.stateless_categorical(log_weights, images, epoch_seed)[0]
-        else:
-            order = tf.random.experimental.stateless_shuffle(tf.range(images, dtype=tf.int64),
-                                                             epoch_seed)
-        return tf.data.Dataset.from_tensor_slices(order)
-
-    def crop(k, n):
-        x, _, targets = data.training_crop(store, n, tf.stack([tf.constant(seed, tf.int64), k]),
-                                           recipe)
-        return x, targets[..., :recipe["outputs"]]
-
-    return (tf.data.Dataset.counter().flat_map(epoch_order).enumerate()
-            .map(crop, num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-
-
 def load_notebook_data(args):
     """The notebook's arrays; training as a shuffled stream, validation as arrays."""
     X, Y, _ = data.load_train(args.train_dir, cache_dir=None if args.no_cache else config.CACHE_DIR)
@@ -176,15 +139,15 @@ def load_instance_data(args, recipe):
     inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"] and n < split)
               for n, image in enumerate(images)]
     kinds = [data.image_kind(images[n]) for n in train]
-    pairs = [data.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
+    pairs = [crops.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
     held = f", {split - len(train)} held out (--set holdout)" if len(train) < split else ""
     print(f"{len(train)} training images (random {recipe['crop']}x{recipe['crop']} crops){held} "
           f"and {len(ids) - split} validation images (centre crops), "
           f"{sum(int(labels[n].max()) for n in train):,} training nuclei; kinds of training "
           f"image: " + ", ".join(f"{kinds.count(kind)} {kind}" for kind in data.KINDS))
-    return (lambda batch_size: crop_dataset(
-                data.crop_store([inputs[n] for n in train], [labels[n] for n in train]),
+    return (lambda batch_size: crops.crop_dataset(
+                crops.crop_store([inputs[n] for n in train], [labels[n] for n in train]),
                 kinds, recipe, batch_size, args.seed),
             len(train), X_val, Y_val)
 
@@ -215,7 +178,7 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):
 
 
 def run_record(args, compute, epochs, batch_size, n_train, n_val):
-    """What the model file records of its training, beside its recipe (unet.TRAINING_MEMBER):
+    """What the model file records of its training, beside its recipe (checkpoints.TRAINING_MEMBER):
     how it ran and on what; BestCheckpoint adds the epochs run and the best epoch."""
     import platform
 
@@ -267,19 +230,21 @@ def main(argv=None):
 
 def check_existing_model(model_path, recipe):
     """The model already at --model-path, loaded, when train.py may continue to improve it:
-    one of ours (unet.load_unet's checks) and of this run's recipe."""
-    import unet
+    one of ours (checkpoints.load_unet's checks) and of this run's recipe."""
+    import checkpoints
 
-    saved = unet.read_recipe(model_path)
-    if any(saved.get(key) != value for key, value in recipe.items()
-           if key not in config.POST_SETTINGS):
-        raise files.InputError(f"{model_path}: trained with another recipe ({saved['input']}, "
-                               f"{saved['post']}); choose another --model-path or move it")
-    return unet.load_unet(model_path)
+    saved = checkpoints.read_recipe(model_path)
+    differ = [f"{key}={json.dumps(saved.get(key))} there, {json.dumps(value)} here"
+              for key, value in recipe.items()
+              if key not in config.POST_SETTINGS and saved.get(key) != value]
+    if differ:
+        raise files.InputError(f"{model_path}: trained with other settings ({'; '.join(differ)}); "
+                               "choose another --model-path or move it")
+    return checkpoints.load_unet(model_path)
 
 
 def train(args):
-    recipe = data.recipe_with(config.RECIPES[args.recipe], args.set)
+    recipe = config.recipe_with(config.RECIPES[args.recipe], args.set)
     model_path = args.model_path
     if model_path.suffix != ".keras":
         raise files.InputError(f"{model_path}: the model path must end in .keras")
@@ -295,11 +260,11 @@ def train(args):
         lock.release()
 
 
-def fit(args, recipe, lock):
-    model_path = args.model_path
-    epochs = recipe["epochs"] if args.epochs is None else args.epochs
-    batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
-    backup = backup_dir(model_path)
+def load_data(args, recipe, lock):
+    """The run's checks that need no TensorFlow, then its data: (stream, training images,
+    X_val, Y_val, the existing model or None). The lock is taken once the model's folder is
+    made."""
+    model_path, backup = args.model_path, backup_dir(args.model_path)
     if backup.exists() and not args.resume:
         raise files.InputError(f"{backup}: an interrupted run's backup; continue it with --resume, "
                                "or delete the folder to start over")
@@ -311,62 +276,84 @@ def fit(args, recipe, lock):
     if lock.handle is None:
         model_path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+    return stream, n_train, X_val, Y_val, existing
 
-    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
+
+def set_up(args, recipe):
+    """Seeds, precision and compilation (said in a line) and the distribution strategy."""
     import keras
     import tensorflow as tf
 
-    import unet
-
-    partial = files.partial_path(model_path)
-    if partial.exists():
-        print(f"Removing {partial}, left by a run killed while saving")
-        partial.unlink()
     keras.utils.set_random_seed(args.seed)
     compute = device.training_compute(args.jit, args.mixed_precision or recipe["mixed_precision"],
                                       config.is_notebook(recipe))
     print(f"Compute: {compute.describe()}")
     keras.mixed_precision.set_global_policy(compute.policy)
-    if args.distribute:
-        # All GPUs; on a machine without them, all (logical) CPU devices.
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
-        print(f"Training on {strategy.num_replicas_in_sync} devices")
-    else:
-        strategy = tf.distribute.get_strategy()
+    if not args.distribute:
+        return compute, tf.distribute.get_strategy()
+    # All GPUs; on a machine without them, all (logical) CPU devices.
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    print(f"Training on {strategy.num_replicas_in_sync} devices")
+    return compute, strategy
 
-    best = math.inf
-    if existing is not None:
-        # The best model so far is only replaced by a better one, in this run or a resumed one.
-        best = float(existing.evaluate(X_val, Y_val, verbose=0, return_dict=True)["loss"])
-        print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better model")
 
-    steps = math.ceil(n_train / batch_size)
-    with strategy.scope():
-        model = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
-    model.summary()
+def make_callbacks(model_path, recipe, best, slim, training, initial_epoch):
+    """The run's callbacks: the NaN guard, early stopping, the best checkpoint, the run's
+    record and the backup for --resume."""
+    import keras
 
-    initial_epoch = repair_backup(backup) if args.resume else 0
-    if args.resume and not backup.exists():
-        print(f"Nothing to resume (no {backup}): starting a new run")
-    csv_path, png_path = history_paths(model_path)
-    with strategy.scope():  # the saved file's model: the weights, no optimizer state
-        slim = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
-    training = run_record(args, compute, epochs, batch_size, n_train, len(X_val))
-    training["resumed_at_epoch"] = initial_epoch or None
-    checkpoint = unet.BestCheckpoint(model_path, best, recipe, slim, training)
+    import checkpoints
+
+    checkpoint = checkpoints.BestCheckpoint(model_path, best, recipe, slim, training)
     early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"],
                                                    verbose=1, restore_best_weights=True)
-    record = unet.RunRecord(csv_path, backup, checkpoint, early_stopping, initial_epoch)
-    callbacks = [
+    record = checkpoints.RunRecord(history_paths(model_path)[0], backup_dir(model_path),
+                                   checkpoint, early_stopping, initial_epoch)
+    return checkpoint, record, [
         keras.callbacks.TerminateOnNaN(),
         early_stopping,
         checkpoint,
         record,
         # Saved every epoch and deleted when training ends normally; keeps two copies so that a
         # kill while saving the backup leaves the previous one.
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
+        keras.callbacks.BackupAndRestore(backup_dir(model_path), double_checkpoint=True),
     ]
+
+
+def fit(args, recipe, lock):
+    model_path = args.model_path
+    epochs = recipe["epochs"] if args.epochs is None else args.epochs
+    batch_size = recipe["batch_size"] if args.batch_size is None else args.batch_size
+    stream, n_train, X_val, Y_val, existing = load_data(args, recipe, lock)
+    # Keras and TensorFlow are imported here so that --help and bad-data errors are instant.
+    import checkpoints
+    import unet
+
+    partial = files.partial_path(model_path)
+    if partial.exists():
+        print(f"Removing {partial}, left by a run killed while saving")
+        partial.unlink()
+    compute, strategy = set_up(args, recipe)
+    best = math.inf
+    if existing is not None:
+        # The best model so far is only replaced by a better one, in this run or a resumed one.
+        best = float(existing.evaluate(X_val, Y_val, verbose=0, return_dict=True)["loss"])
+        print(f"{model_path} exists with val_loss {best:.5f}: it is replaced only by a better "
+              "model")
+    steps = math.ceil(n_train / batch_size)
+    with strategy.scope():
+        model = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
+        # The saved file's model: the weights, no optimizer state.
+        slim = unet.build_unet(recipe=recipe, steps=epochs * steps, jit=compute.jit)
+    model.summary()
+    initial_epoch = repair_backup(backup_dir(model_path)) if args.resume else 0
+    if args.resume and not backup_dir(model_path).exists():
+        print(f"Nothing to resume (no {backup_dir(model_path)}): starting a new run")
+    training = run_record(args, compute, epochs, batch_size, n_train, len(X_val))
+    training["resumed_at_epoch"] = initial_epoch or None
+    checkpoint, record, callbacks = make_callbacks(model_path, recipe, best, slim, training,
+                                                   initial_epoch)
     # A resumed run takes the batches an uninterrupted run would: the stream from its start,
     # less the finished epochs' batches.
     history = model.fit(stream(batch_size).skip(initial_epoch * steps), steps_per_epoch=steps,
@@ -376,17 +363,24 @@ def fit(args, recipe, lock):
     losses = history.history.get("loss", [])
     if record.owns_model and checkpoint.saved:
         # The whole run in the record: its epochs and time, not only up to the best epoch.
-        unet.write_recipe(model_path, recipe,
-                          checkpoint.training_record(initial_epoch + len(losses) - 1))
+        checkpoints.write_recipe(model_path, recipe,
+                                 checkpoint.training_record(initial_epoch + len(losses) - 1))
+    finish(args, record, best, losses)
+
+
+def finish(args, record, best, losses):
+    """What a finished run says: its history, or that it did not improve; a NaN loss; the
+    sample's note."""
+    csv_path, png_path = history_paths(args.model_path)
     if record.owns_model:
         plot_history(csv_path, png_path)
         print(f"History: {csv_path}, {png_path}")
-    elif model_path.exists():
-        print(f"This run did not improve on {model_path} (val_loss {best:.5f}): the model and "
-              "its history are unchanged")
+    elif args.model_path.exists():
+        print(f"This run did not improve on {args.model_path} (val_loss {best:.5f}): the model "
+              "and its history are unchanged")
     if losses and not math.isfinite(losses[-1]):
         sys.exit(f"error: the loss became {losses[-1]} and training stopped; the best model so "
-                 f"far is kept in {model_path}")
+                 f"far is kept in {args.model_path}")
     if note := data.sample_note(args.train_dir):
         print(note)
 

@@ -1,4 +1,5 @@
 """A fake DSB2018 tree of discs, in the stardist way: exact shapes, known masks."""
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,16 @@ def sample_defaults(monkeypatch):
     monkeypatch.setattr(config, "SOLUTION_PATH", None)
 
 
+@pytest.fixture(autouse=True)
+def float32_policy():
+    """Keras' global precision policy back to float32 after each test that changed it (train.py
+    sets it for its run), so that no test builds models in another test's precision."""
+    yield
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def dsb_tree(tmp_path):
     root = tmp_path / "stage1_train"
@@ -64,3 +75,22 @@ def dsb_tree(tmp_path):
 def small_images(monkeypatch):
     monkeypatch.setattr(config, "IMG_HEIGHT", SMALL_SIZE)
     monkeypatch.setattr(config, "IMG_WIDTH", SMALL_SIZE)
+
+
+@pytest.fixture(scope="session")
+def threshold_model(tmp_path_factory):
+    """A saved instance-recipe model whose nucleus output is sigmoid(40 (x - 0.5)) of the scaled
+    input and whose contour and gap outputs are about 0: nuclei are the bright regions."""
+    import keras
+
+    import checkpoints
+
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(3, 1, activation="sigmoid", dtype="float32")(inputs)
+    model = keras.Model(inputs, outputs)
+    model.layers[1].set_weights([np.array([40.0, 0, 0], "float32").reshape(1, 1, 1, 3),
+                                 np.array([-20.0, -20, -20], "float32")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    path = tmp_path_factory.mktemp("model") / "threshold.keras"
+    checkpoints.save_atomic(model, path, config.RECIPES["instance"])
+    return path

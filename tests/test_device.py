@@ -30,6 +30,8 @@ def test_training_path_keeps_the_notebooks_compilation_and_takes_bfloat16_where_
         monkeypatch):
     monkeypatch.setattr(device, "has_gpu", lambda: False)
     monkeypatch.setattr(device, "cpu_has_bfloat16", lambda: True)
+    assert device.prediction_compute("auto").policy == "mixed_bfloat16"
+    assert device.prediction_compute("auto", "float32").policy == "float32"
     assert device.training_compute("auto", False, notebook=True) == device.Compute(
         "auto", "float32", "the notebook's path (Keras' auto: XLA on GPUs only)")
     instance = device.training_compute("auto", True, notebook=False)
@@ -55,10 +57,10 @@ def test_a_dropped_model_and_its_network_are_freed():
 
 
 def test_bfloat16_prediction_finds_the_float32_nuclei_on_the_sample_images():
-    import unet
+    import checkpoints
 
-    model = unet.load_unet(config.SHIPPED_MODEL)
-    recipe = unet.read_recipe(config.SHIPPED_MODEL)
+    model = checkpoints.load_unet(config.SHIPPED_MODEL)
+    recipe = checkpoints.read_recipe(config.SHIPPED_MODEL)
     images = []
     for folder in (SAMPLE_TRAIN, SAMPLE_TEST):
         images += data.load_native(folder, data.list_ids(folder), with_labels=False)[0]

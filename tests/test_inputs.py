@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import files
+import imagefiles
 from tests.conftest import ROOT, disc, make_dsb_tree, write_png
 
 
@@ -55,7 +56,7 @@ def save(tmp_path, image):
     (lambda: Image.fromarray(GREY > 150), np.repeat((GREY > 150)[..., None] * 255, 3, axis=2)),
 ])
 def test_8_bit_flavours_become_rgb_uint8(tmp_path, make, expected):
-    image = data.read_image(save(tmp_path, make()))
+    image = imagefiles.read_image(save(tmp_path, make()))
     assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
     assert np.array_equal(image, expected)
 
@@ -63,28 +64,29 @@ def test_8_bit_flavours_become_rgb_uint8(tmp_path, make, expected):
 def test_palette_with_transparency(tmp_path):
     image = palette_image()
     image.info["transparency"] = 0
-    assert np.array_equal(data.read_image(save(tmp_path, image)), RGB)
+    assert np.array_equal(imagefiles.read_image(save(tmp_path, image)), RGB)
 
 
 def test_16_bit_grey_and_rgb_are_scaled_not_clipped(tmp_path):
     grey16 = np.array([[0, 256], [40000, 65535]], np.uint16)
     write_raw_png(tmp_path / "g.png", grey16, 16, 0)
-    image = data.read_image(tmp_path / "g.png")
+    image = imagefiles.read_image(tmp_path / "g.png")
     assert np.array_equal(image[..., 0], [[0, 1], [156, 255]]) and image.dtype == np.uint8
     rgb16 = np.stack([grey16, 65535 - grey16, grey16], axis=-1)
     write_raw_png(tmp_path / "c.png", rgb16, 16, 2)
-    assert np.array_equal(data.read_image(tmp_path / "c.png")[..., 1], [[255, 254], [99, 0]])
+    assert np.array_equal(imagefiles.read_image(tmp_path / "c.png")[..., 1], [[255, 254], [99, 0]])
 
 
 def test_masks_of_any_flavour_are_nonzero_pixels(tmp_path):
     mask16 = np.array([[0, 1], [0, 65535]], np.uint16)
     write_raw_png(tmp_path / "m.png", mask16, 16, 0)
-    assert np.array_equal(data.read_mask(tmp_path / "m.png"), [[False, True], [False, True]])
+    assert np.array_equal(imagefiles.read_mask(tmp_path / "m.png"), [[False, True], [False, True]])
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., 3] = 255  # opaque alpha is not nucleus
     rgba[1, 0, 0] = 255
     Image.fromarray(rgba).save(tmp_path / "m2.png")
-    assert np.array_equal(data.read_mask(tmp_path / "m2.png"), [[False, False], [True, False]])
+    assert np.array_equal(imagefiles.read_mask(tmp_path / "m2.png"),
+                          [[False, False], [True, False]])
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -94,7 +96,7 @@ def test_masks_of_any_flavour_are_nonzero_pixels(tmp_path):
 def test_non_images_are_refused(tmp_path, content, reason):
     (tmp_path / "x.png").write_bytes(content)
     with pytest.raises(files.InputError, match=reason) as error:
-        data.read_image(tmp_path / "x.png")
+        imagefiles.read_image(tmp_path / "x.png")
     assert str(tmp_path / "x.png") in str(error.value)
 
 
@@ -103,14 +105,14 @@ def test_truncated_png_is_refused(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(files.InputError, match=f"{path}: not a readable image"):
-        data.read_image(path)
+        imagefiles.read_image(path)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     # The header claims 100000 x 100000 pixels; the data is a few bytes.
     write_raw_png(tmp_path / "bomb.png", np.zeros((1, 1), np.uint8), 8, 0, size=(100_000, 100_000))
     with pytest.raises(files.InputError, match="decompression bomb"):
-        data.read_image(tmp_path / "bomb.png")
+        imagefiles.read_image(tmp_path / "bomb.png")
 
 
 def test_missing_and_empty_folders(tmp_path):

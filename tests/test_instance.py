@@ -1,15 +1,20 @@
 """The instance recipe: targets, watershed, full-size prediction, the recipe in the model file,
 and a tiny run end to end."""
+import io
 import json
+import zipfile
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
 import config
+import crops
 import data
 import device
 import nuclei
+import pictures
 import predict
 import train
 from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc
@@ -32,7 +37,7 @@ def window_labels(labels, row, col, radius):
 
 def test_targets_of_two_touching_discs():
     labels = touching_discs()
-    targets = data.instance_targets(labels)
+    targets = crops.instance_targets(labels)
     assert targets.shape == (40, 60, 3) and targets.dtype == np.uint8
     nucleus, contour, gap = (targets[..., k].astype(bool) for k in range(3))
     assert np.array_equal(nucleus, labels > 0)
@@ -42,7 +47,8 @@ def test_targets_of_two_touching_discs():
             # another label or background in its 5x5 window (image edges do not count).
             assert gap[row, col] == (len(window_labels(labels, row, col, 1)) == 2)
             around = labels[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3]
-            assert contour[row, col] == (labels[row, col] > 0 and (around != labels[row, col]).any())
+            assert contour[row, col] == (labels[row, col] > 0
+                                         and (around != labels[row, col]).any())
     # A band along the shared border (columns 29 to 31, rows 15 to 25), nowhere else.
     rows, cols = np.nonzero(gap)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (15, 25, 29, 31)
@@ -52,17 +58,17 @@ def test_targets_of_two_touching_discs():
 
 def test_watershed_separates_touching_nuclei_components_do_not():
     labels = touching_discs()
-    prob = data.instance_targets(labels).astype(np.float32)
+    prob = crops.instance_targets(labels).astype(np.float32)
     split = nuclei.nuclei_labels(prob, labels.shape, INSTANCE)
     assert split.max() == 2 and split.dtype == np.int32
-    import unet
+    import metrics
 
-    assert unet.competition_score(labels, split) == 1.0
+    assert metrics.competition_score(labels, split) == 1.0
     merged = nuclei.nuclei_labels(prob, labels.shape, {**INSTANCE, "post": "components"})
     # The merged object covers disc 1 (317 pixels) with IoU 317 / 632 > 0.5: a match at
     # t = 0.50 only, where TP 1 and FN 1 give 1/2, so the score is 0.05.
     assert (labels == 1).sum() == 317 and (labels > 0).sum() == 632
-    assert merged.max() == 1 and unet.competition_score(labels, merged) == pytest.approx(0.05)
+    assert merged.max() == 1 and metrics.competition_score(labels, merged) == pytest.approx(0.05)
 
 
 def test_small_objects_dropped_and_seedless_pieces_kept():
@@ -136,13 +142,14 @@ def test_flip_averaging_commutes_with_flips(small_instance_model):
 def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
     import keras
 
+    import checkpoints
     import unet
 
     recipe = {**INSTANCE, "min_size": 5}
     path = tmp_path / "instance.keras"
-    unet.save_atomic(small_instance_model, path, recipe)
-    assert unet.read_recipe(path) == recipe
-    reloaded = unet.load_unet(path)
+    checkpoints.save_atomic(small_instance_model, path, recipe)
+    assert checkpoints.read_recipe(path) == recipe
+    reloaded = checkpoints.load_unet(path)
     # The notebook's blocks: 1,941,105 parameters less 3x3x2x16 for the input channels, plus
     # 2x17 for the two extra outputs.
     assert reloaded.count_params() == 1_941_105 - 288 + 34 == 1_940_851
@@ -152,11 +159,11 @@ def test_recipe_survives_save_and_reload(tmp_path, small_instance_model):
     # A model saved without a recipe (before recipes existed) is the notebook's.
     old = tmp_path / "old.keras"
     unet.build_unet().save(old)
-    assert unet.read_recipe(old) == config.RECIPES["notebook"]
+    assert checkpoints.read_recipe(old) == config.RECIPES["notebook"]
     # A recipe saved before `dropout` was a setting: those models were trained with it.
     earlier = {key: value for key, value in recipe.items() if key != "dropout"}
-    unet.write_recipe(path, earlier)
-    assert unet.read_recipe(path) == {**earlier, "dropout": True}
+    checkpoints.write_recipe(path, earlier)
+    assert checkpoints.read_recipe(path) == {**earlier, "dropout": True}
     keras.mixed_precision.set_global_policy("float32")
 
 
@@ -185,21 +192,38 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     import matplotlib
     from PIL import Image
 
-    import unet
+    import checkpoints
 
     model_path = tmp_path / "instance.keras"
     train.main(["--recipe", "instance", "--set", "crop=64", "--epochs", "1", "--batch-size",
                 "8", "--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
-    recipe = unet.read_recipe(model_path)
+    recipe = checkpoints.read_recipe(model_path)
     assert recipe == {**INSTANCE, "crop": 64}
+    # What prediction needs and how it was made; no optimizer state (Adam's moments).
+    record = checkpoints.read_training(model_path)
+    assert {key: record[key] for key in ("epochs", "epochs_run", "best_epoch", "seed",
+                                         "batch_size", "validation_images")} == {
+        "epochs": 1, "epochs_run": 1, "best_epoch": 1, "seed": 42, "batch_size": 8,
+        "validation_images": 3}
+    assert record["training_images"] == 24 and record["train_dir"] == str(SAMPLE_TRAIN)
+    assert record["policy"] in ("float32", "mixed_bfloat16") and record["seconds"] >= 0
+    with zipfile.ZipFile(model_path) as archive, h5py.File(
+            io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        assert list(weights["optimizer"]["vars"]) == ["0"]  # its step count only
     history = pd.read_csv(model_path.with_suffix(".history.csv"))
     assert list(history.columns) == ["epoch", "loss", "val_loss"] and len(history) == 1
     assert capsys.readouterr().out.splitlines()[-1] == data.sample_note(SAMPLE_TRAIN)
 
-    # The notebook recipe on the same path is refused before any work.
+    # The notebook recipe, or another augmentation, on the same path is refused before any
+    # work, naming the settings that differ.
     with pytest.raises(SystemExit) as stop:
         train.main(["--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
-    assert "trained with another recipe" in str(stop.value)
+    assert 'input="grey_native" there, "rgb_128" here' in str(stop.value)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--recipe", "instance", "--set", "crop=64", "--set", "augment=false",
+                    "--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
+    assert str(stop.value) == (f"error: {model_path}: trained with other settings (augment=true "
+                               "there, false here); choose another --model-path or move it")
 
     out_dir = tmp_path / "out"
     capsys.readouterr()
@@ -219,7 +243,8 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
     images, _ = data.load_native(SAMPLE_TEST, test_ids, with_labels=False)
     shapes = {id_: image.shape[:2] for id_, image in zip(test_ids, images)}
     labels = nuclei.labels_from_rows(submission.itertuples(index=False), shapes)
-    assert sum(int(l.max()) for l in labels.values()) == (submission["EncodedPixels"] != "").sum()
+    assert (sum(int(image.max()) for image in labels.values())
+            == (submission["EncodedPixels"] != "").sum())
     for name in ("train_sample.png", "val_sample.png"):
         assert (out_dir / name).is_file()
     overlays = sorted((out_dir / "overlays").iterdir())
@@ -228,7 +253,7 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
         with Image.open(path) as picture:
             assert picture.mode == "RGB" and picture.size == (image.shape[1], image.shape[0])
     with Image.open(out_dir / "contact_sheet.png") as sheet:  # 6 images, 3 to a row
-        assert sheet.size == (3 * predict.TILE, 2 * (predict.TILE + predict.CAPTION))
+        assert sheet.size == (3 * pictures.TILE, 2 * (pictures.TILE + pictures.CAPTION))
     json.loads(json.dumps(recipe))  # plain JSON: readable without this project
 
 
@@ -239,7 +264,7 @@ def test_tune_finds_the_threshold_that_matches_the_truth_and_saves_it(tmp_path,
     these small discs, score 0)."""
     from scipy import ndimage
 
-    import unet
+    import checkpoints
 
     truth = np.zeros((60, 60), np.int32)
     for k, centre in enumerate([(15, 15), (15, 45), (45, 30)], start=1):
@@ -255,10 +280,10 @@ def test_tune_finds_the_threshold_that_matches_the_truth_and_saves_it(tmp_path,
     assert scores[(0.4, 0.5, 0)] == 0.0 and scores[(0.5, 0.5, 0)] == 1.0
 
     path = tmp_path / "m.keras"
-    unet.save_atomic(small_instance_model, path, INSTANCE)
-    unet.write_recipe(path, {**INSTANCE, **best})
-    assert unet.read_recipe(path) == {**INSTANCE, **best}
-    assert unet.load_unet(path).count_params() == small_instance_model.count_params()
+    checkpoints.save_atomic(small_instance_model, path, INSTANCE)
+    checkpoints.write_recipe(path, {**INSTANCE, **best})
+    assert checkpoints.read_recipe(path) == {**INSTANCE, **best}
+    assert checkpoints.load_unet(path).count_params() == small_instance_model.count_params()
 
 
 def test_epochs_and_batch_size_below_one_are_refused(tmp_path, capsys):

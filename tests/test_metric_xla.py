@@ -1,5 +1,5 @@
-"""unet.my_iou_metric, the notebook's metric in TensorFlow operations that XLA compiles, against
-unet.iou_metric_batch (NumPy and SciPy): equal values, compared with ==."""
+"""metrics.my_iou_metric, the notebook's metric in TensorFlow operations that XLA compiles, against
+metrics.iou_metric_batch (NumPy and SciPy): equal values, compared with ==."""
 import keras
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 import data
+import metrics
 import unet
 from tests.conftest import SAMPLE_TRAIN
 
@@ -26,8 +27,8 @@ def both(truth, pred):
     (B, H, W, 1)."""
     truth = np.asarray(truth, bool)[..., None]
     pred = np.asarray(pred, np.float32)[..., None]
-    return (float(unet.my_iou_metric(tf.constant(truth), tf.constant(pred))),
-            float(unet.iou_metric_batch(truth, pred)))
+    return (float(metrics.my_iou_metric(tf.constant(truth), tf.constant(pred))),
+            float(metrics.iou_metric_batch(truth, pred)))
 
 
 EMPTY = np.zeros((SIZE, SIZE), bool)
@@ -127,9 +128,9 @@ def test_sample_masks(sample_masks):
     """The batch with y_true float32, as Keras passes it, then image by image."""
     pred = realistic(sample_masks, np.random.default_rng(2)).astype(np.float32)
     truth = sample_masks.astype(np.float32)
-    value = unet.my_iou_metric(tf.constant(truth[..., None]), tf.constant(pred[..., None]))
+    value = metrics.my_iou_metric(tf.constant(truth[..., None]), tf.constant(pred[..., None]))
     assert value.dtype == tf.float32 and value.shape == ()
-    assert value.numpy() == unet.iou_metric_batch(truth[..., None], pred[..., None])
+    assert value.numpy() == metrics.iou_metric_batch(truth[..., None], pred[..., None])
     per_image = [both([t], [p]) for t, p in zip(sample_masks, pred)]
     assert [tf_value for tf_value, _ in per_image] == [np_value for _, np_value in per_image]
 
@@ -139,12 +140,12 @@ def test_inside_compiled_and_plain_graphs():
     (Grappler) would regroup float sums if the metric ran there uncompiled."""
     truth, pred = blobs(np.random.default_rng(4), (16, SIZE, SIZE))
     truth, pred = tf.constant(truth[..., None]), tf.constant(pred[..., None].astype(np.float32))
-    expected = unet.iou_metric_batch(truth.numpy(), pred.numpy())
-    assert tf.function(unet.my_iou_metric, jit_compile=True)(truth, pred).numpy() == expected
-    assert tf.function(unet.my_iou_metric)(truth, pred).numpy() == expected
+    expected = metrics.iou_metric_batch(truth.numpy(), pred.numpy())
+    assert tf.function(metrics.my_iou_metric, jit_compile=True)(truth, pred).numpy() == expected
+    assert tf.function(metrics.my_iou_metric)(truth, pred).numpy() == expected
 
 
-NUMPY_SUM = tf.function(unet._numpy_sum, jit_compile=True)
+NUMPY_SUM = tf.function(metrics._numpy_sum, jit_compile=True)
 
 
 @pytest.mark.parametrize("length", [7, 9, 27, 129, 300])
@@ -171,6 +172,6 @@ def test_notebook_model_evaluates_with_xla(small_images):
     Y[2:] = np.roll(Y[2:], 3, axis=2)
     result = model.evaluate(X, Y, batch_size=4, verbose=0, return_dict=True)
     assert model.jit_compile is True  # Keras falls back to False for a model XLA cannot run
-    expected = unet.iou_metric_batch(Y, pred)
+    expected = metrics.iou_metric_batch(Y, pred)
     assert 0 < expected < 1
     assert result["my_iou_metric"] == expected

@@ -11,9 +11,10 @@ import tifffile
 import config
 import data
 import device
+import imagefiles
 import nuclei
 import predict
-from tests.conftest import disc, write_png
+from tests.conftest import disc, make_dsb_tree, write_png
 
 SHAPE = (96, 128)
 CENTRES = [(24, 24), (30, 70), (70, 40), (66, 100)]
@@ -26,25 +27,6 @@ def discs(shape=SHAPE, centres=CENTRES, radius=9):
     for centre in centres:
         image[disc(shape, centre, radius)] = 200
     return image
-
-
-@pytest.fixture(scope="module")
-def threshold_model(tmp_path_factory):
-    """A saved instance-recipe model whose nucleus output is sigmoid(40 (x - 0.5)) of the scaled
-    input and whose contour and gap outputs are about 0: nuclei are the bright regions."""
-    import keras
-
-    import unet
-
-    inputs = keras.Input((None, None, 1))
-    outputs = keras.layers.Conv2D(3, 1, activation="sigmoid", dtype="float32")(inputs)
-    model = keras.Model(inputs, outputs)
-    model.layers[1].set_weights([np.array([40.0, 0, 0], "float32").reshape(1, 1, 1, 3),
-                                 np.array([-20.0, -20, -20], "float32")])
-    model.compile(optimizer="adam", loss="binary_crossentropy")
-    path = tmp_path_factory.mktemp("model") / "threshold.keras"
-    unet.save_atomic(model, path, config.RECIPES["instance"])
-    return path
 
 
 def run(threshold_model, *args):
@@ -83,7 +65,8 @@ def test_a_corrupt_file_among_good_ones_is_skipped_with_one_line(tmp_path, thres
     assert run(threshold_model, [tmp_path / "in"], "--out-dir", out) == 1
     printed = capsys.readouterr()
     assert "warning: " + str(tmp_path / "in" / "cut.png") + ": not a readable image" in printed.err
-    assert "warning: " + str(tmp_path / "in" / "empty.tif") + ": not a readable image" in printed.err
+    assert ("warning: " + str(tmp_path / "in" / "empty.tif") + ": not a readable image"
+            in printed.err)
     assert "Traceback" not in printed.err
     assert "Segmented 1 images (4 nuclei)" in printed.out and "2 skipped" in printed.out
     assert sorted(p.name for p in (out / "labels").iterdir()) == ["good.tif"]
@@ -112,7 +95,7 @@ def test_a_z_stack_is_refused_naming_its_shape(tmp_path):
                      metadata={"axes": "ZYX"})
     with pytest.raises(data.InputError, match=r"stack.tif: a z-stack \(shape \(5, 32, 32\), "
                                               r"axes ZYX\)"):
-        data.read_pixels(path)
+        imagefiles.read_pixels(path)
 
 
 def test_a_rerun_skips_what_is_done_and_overwrite_redoes_it(tmp_path, threshold_model, capsys):
@@ -132,6 +115,61 @@ def test_a_rerun_skips_what_is_done_and_overwrite_redoes_it(tmp_path, threshold_
     assert len(pd.read_csv(out / "nuclei.csv")) == 4
     assert run(threshold_model, [tmp_path / "in"], "--out-dir", out, "--overwrite") == 0
     assert summary.stat().st_mtime_ns != stamp and json.loads(summary.read_text())["nuclei"] == 4
+
+
+def test_a_rerun_redoes_what_another_model_or_setting_made(tmp_path, threshold_model, capsys):
+    write_png(tmp_path / "in" / "a.png", discs())
+    out = tmp_path / "out"
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", out) == 0
+    capsys.readouterr()
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", out, "--diameter", "10") == 0
+    assert "Segmented 1 images (4 nuclei)" in capsys.readouterr().out
+    other = tmp_path / "other.keras"
+    other.write_bytes(threshold_model.read_bytes() + b"")  # the same bytes: the same model
+    assert run(other, [tmp_path / "in"], "--out-dir", out, "--diameter", "10") == 0
+    assert "Segmented 0 images" in capsys.readouterr().out
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", out, "--set", "min_size=300") == 0
+    assert "Segmented 1 images (0 nuclei)" in capsys.readouterr().out
+
+
+def test_tables_are_appended_in_order_and_take_new_columns(tmp_path, threshold_model):
+    """A grey image, then a colour one (other intensity columns), then a rerun with one image
+    more: each table whole, one header, every image's rows once, the images done first."""
+    write_png(tmp_path / "in" / "a.png", discs())
+    colour = np.repeat(discs()[:, :, None], 3, axis=2)
+    write_png(tmp_path / "in" / "b.png", colour)
+    out = tmp_path / "out"
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", out) == 0
+    table = pd.read_csv(out / "nuclei.csv")
+    assert list(table["image"]) == ["a"] * 4 + ["b"] * 4
+    assert table["max_intensity"].notna().sum() == 4 and table["max_intensity_r"].notna().sum() == 4
+    write_png(tmp_path / "in" / "0.png", discs())
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", out) == 0
+    assert list(pd.read_csv(out / "nuclei.csv")["image"]) == ["a"] * 4 + ["b"] * 4 + ["0"] * 4
+    images = pd.read_csv(out / "images.csv")
+    assert list(images["image"]) == ["a", "b", "0"] and images["fingerprint"].nunique() == 1
+    assert (out / "nuclei.csv").read_text().count("image,label") == 1
+
+
+def test_one_image_gives_the_same_nuclei_through_both_flows(tmp_path, threshold_model):
+    """The same pixels as a DSB test image (submission.csv) and as an own image (--images), with
+    rescale=auto: nuclei twice the training size are found again at half the scale in both, and
+    min_size with them (32 pixels become 128), which drops the small disc (81 pixels)."""
+    image = discs(centres=[(24, 24), (70, 90)], radius=20)
+    image[disc(SHAPE, (80, 20), 5)] = 200
+    write_png(tmp_path / "test" / "t1" / "images" / "t1.png", image)
+    train_dir = tmp_path / "train"
+    make_dsb_tree(train_dir, n_images=2)
+    common = ["--model-path", str(threshold_model), "--set", "rescale=auto", "--set", "tta=false"]
+    predict.main(common + ["--train-dir", str(train_dir), "--test-dir", str(tmp_path / "test"),
+                           "--out-dir", str(tmp_path / "dsb")])
+    assert run(threshold_model, [tmp_path / "test" / "t1" / "images"], "--out-dir",
+               tmp_path / "own", "--set", "rescale=auto", "--set", "tta=false") == 0
+    own = tifffile.imread(tmp_path / "own" / "labels" / "t1.tif")
+    rows = pd.read_csv(tmp_path / "dsb" / "submission.csv", keep_default_na=False)
+    dsb = nuclei.labels_from_rows(rows.itertuples(index=False), {"t1": SHAPE})["t1"]
+    assert own.max() == dsb.max() == 2
+    assert np.array_equal(own > 0, dsb > 0)
 
 
 def test_pixel_size_gives_microns_and_diameter_rescales(tmp_path, threshold_model):
@@ -205,11 +243,11 @@ def test_tiled_prediction_equals_whole_image_prediction(network, monkeypatch):
 
 
 def test_a_tile_border_through_a_nucleus_does_not_split_it(threshold_model, monkeypatch):
-    import unet
+    import checkpoints
 
     monkeypatch.setattr(config, "WHOLE_PIXELS", 0)
-    image = data.scaled_image(discs(centres=[(64, 64)], radius=12))
-    predictor = nuclei.Predictor(unet.load_unet(threshold_model), config.RECIPES["instance"])
+    image = imagefiles.scaled_image(discs(centres=[(64, 64)], radius=12))
+    predictor = nuclei.Predictor(checkpoints.load_unet(threshold_model), config.RECIPES["instance"])
     prob = nuclei.predict_tiled(predictor.network, data.native_input(image, predictor.recipe),
                                 tta=False, tile=64, margin=32)
     labels = nuclei.nuclei_labels(prob, SHAPE, predictor.recipe)
@@ -217,13 +255,13 @@ def test_a_tile_border_through_a_nucleus_does_not_split_it(threshold_model, monk
 
 
 def test_scales_average_each_scales_probabilities(threshold_model):
-    import unet
+    import checkpoints
 
-    model = unet.load_unet(threshold_model)
-    image = data.scaled_image(discs())
+    model = checkpoints.load_unet(threshold_model)
+    image = imagefiles.scaled_image(discs())
 
     def predictor(scales):
-        recipe = data.recipe_with(config.RECIPES["instance"], [f"scales={json.dumps(scales)}"])
+        recipe = config.recipe_with(config.RECIPES["instance"], [f"scales={json.dumps(scales)}"])
         return nuclei.Predictor(model, recipe)
 
     one, half, double = (predictor([s]).probabilities([image])[0] for s in (1.0, 0.5, 2.0))
@@ -235,3 +273,22 @@ def test_scales_average_each_scales_probabilities(threshold_model):
     labels = predictor([0.5, 1, 2]).nuclei([image])[0]
     assert labels.max() == 4
     assert abs(np.count_nonzero(labels) - 4 * disc(SHAPE, CENTRES[0], 9).sum()) <= 4 * 12
+
+
+def test_score_dir_scores_every_image_by_slide(tmp_path, threshold_model, capsys):
+    import checkpoints
+
+    tree = tmp_path / "tnbc"
+    make_dsb_tree(tree, n_images=3)
+    for old, new in zip(["id00", "id01", "id02"], ["tnbc_01_1", "tnbc_01_2", "tnbc_02_1"]):
+        (tree / old / "images" / f"{old}.png").rename(tree / old / "images" / f"{new}.png")
+        (tree / old).rename(tree / new)
+    predictor = nuclei.Predictor(checkpoints.load_unet(threshold_model),
+                                 config.RECIPES["instance"],
+                                 device.Compute(False, "float32", "a test"))
+    predict.report_folder(predictor, tree)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"Competition score, {tree}: 1.0000 over 3 images, 1.0000 over 2 groups "
+                     "(each counts once); 9 nuclei, 9 predicted",
+                     "  tnbc_01                2 images  1.0000",
+                     "  tnbc_02                1 images  1.0000"]

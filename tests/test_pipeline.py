@@ -3,6 +3,7 @@ import pandas as pd
 
 import device
 import nuclei
+import pictures
 import predict
 import train
 from tests.conftest import ROOT, SMALL_SIZE, make_dsb_tree
@@ -37,7 +38,8 @@ def test_submission_resizes_back_and_labels_each_nucleus():
     rows = nuclei.submission_rows([labels, empty], ["a", "b"])
     assert [r[0] for r in rows] == ["a", "a", "b"] and rows[2][1] == ""
     first = nuclei.rle_decode(rows[0][1], (16, 24))
-    assert first.shape == (16, 24) and first.any() and not (first & nuclei.rle_decode(rows[1][1], (16, 24))).any()
+    second = nuclei.rle_decode(rows[1][1], (16, 24))
+    assert first.shape == (16, 24) and first.any() and not (first & second).any()
 
 
 def test_overlay_outlines_each_nucleus_in_its_own_colour():
@@ -45,7 +47,7 @@ def test_overlay_outlines_each_nucleus_in_its_own_colour():
     labels = np.zeros((10, 12), np.int32)
     labels[1:4, 1:4] = 1   # 3x3: its 8 outer pixels are its outline
     labels[5:9, 6:11] = 2  # 4x5: 14
-    out = predict.overlay(image, labels)
+    out = pictures.overlay(image, labels)
     changed = (out != image).any(axis=2)
     assert changed.sum() == 8 + 14 and not changed[2, 2] and not changed[labels == 0].any()
     assert out[1, 1].tolist() == [255, 0, 0] and out[5, 6].tolist() == [0, 0, 255]
@@ -65,9 +67,9 @@ def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
     model_path = tmp_path / "model" / "unet.keras"
     train.main(["--train-dir", str(train_dir), "--epochs", "1", "--batch-size", "4",
                 "--model-path", str(model_path), "--no-cache"])
-    import unet
+    import checkpoints
 
-    model = unet.load_unet(model_path)
+    model = checkpoints.load_unet(model_path)
     assert model.count_params() == 1_941_105 and model.input_shape == (None, 32, 32, 3)
     history = pd.read_csv(model_path.with_suffix(".history.csv"))
     assert list(history.columns) == ["epoch", "loss", "my_iou_metric", "val_loss",
@@ -85,7 +87,7 @@ def test_train_one_epoch_then_predict_headless(tmp_path, small_images):
     for encoded in submission["EncodedPixels"]:
         numbers = [int(n) for n in encoded.split()]
         assert len(numbers) % 2 == 0 and all(n >= 1 for n in numbers)
-        assert all(s + l - 1 <= 50 * 70 for s, l in zip(numbers[::2], numbers[1::2]))
+        assert all(s + n - 1 <= 50 * 70 for s, n in zip(numbers[::2], numbers[1::2]))
 
 
 def test_distribute_on_two_logical_cpus_with_mixed_precision(tmp_path, small_images):
@@ -114,9 +116,9 @@ train.main(["--train-dir", {str(train_dir)!r}, "--model-path", {str(model_path)!
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Training on 2 devices" in result.stdout
-    import unet
+    import checkpoints
 
-    model = unet.load_unet(model_path)
+    model = checkpoints.load_unet(model_path)
     assert model.layers[2].dtype_policy.name == "mixed_bfloat16"
     assert model.output.dtype == "float32"
 

@@ -12,10 +12,11 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import types
 import zipfile
 from pathlib import Path
 
@@ -105,13 +106,12 @@ def fit(self, *args, **kwargs):
 keras.Model.fit = fit
 """
 
-# Epoch 3 does not start: the run waits (for the test's SIGKILL) once epoch 2 is finished.
-PAUSE_BEFORE_EPOCH_3 = """
+# The process kills itself as epoch 3 begins: epochs 1 and 2 are finished and backed up.
+KILL_BEFORE_EPOCH_3 = """
 import keras
 def on_epoch_begin(self, epoch, logs=None):
     if epoch == 2:
-        open(MARKER, "w").close()
-        time.sleep(600)
+        os.kill(os.getpid(), signal.SIGKILL)
 keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
 """
 
@@ -163,11 +163,11 @@ def assert_one_error_line(result, path, *words):
 
 
 def load_error(path):
-    """What unet.load_unet says about `path`, after the path: one line."""
-    import unet
+    """What checkpoints.load_unet says about `path`, after the path: one line."""
+    import checkpoints
 
     with pytest.raises(files.InputError) as error:
-        unet.load_unet(path)
+        checkpoints.load_unet(path)
     text = str(error.value)
     assert text.startswith(f"{path}: ") and "\n" not in text, text
     return text[len(f"{path}: "):]
@@ -202,9 +202,9 @@ def history(model_path):
 
 
 def weights(model_path):
-    import unet
+    import checkpoints
 
-    return unet.load_unet(model_path).get_weights()
+    return checkpoints.load_unet(model_path).get_weights()
 
 
 def same_weights(a, b):
@@ -219,16 +219,43 @@ def tree(tmp_path):
     return root
 
 
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Runs that other tests inspect and continue, each made once: {name: (train_dir, folder of
+    the killed run)}; a test works on a copy (killed_copy)."""
+    made = {}
+
+    def make(name, hook, epochs=4, batch_size=4):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            tree = root / "stage1_train"
+            make_dsb_tree(tree, n_images=5)
+            args = train_args(tree, root / "model" / "unet.keras", epochs, batch_size=batch_size)
+            result = run_train(args, hook)
+            assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+            made[name] = tree, root / "model"
+        return made[name]
+    return make
+
+
+def killed_copy(killed_runs, tmp_path, name, hook, **run):
+    """(train_dir, model path) of a copy of the shared killed run `name`."""
+    tree, folder = killed_runs(name, hook, **run)
+    shutil.copytree(folder, tmp_path / "model")
+    return tree, tmp_path / "model" / "unet.keras"
+
+
 def save_bad_model(path):
     """A U-Net that calls every pixel nucleus (val_loss about 8), saved atomically: a previous
     best that the first trained epoch always beats."""
+    import checkpoints
     import unet
 
     model = unet.build_unet()
     kernel, bias = model.layers[-1].get_weights()
     model.layers[-1].set_weights([kernel, bias + 10])
     path.parent.mkdir(parents=True, exist_ok=True)
-    unet.save_atomic(model, path)
+    checkpoints.save_atomic(model, path)
     return model.get_weights()
 
 
@@ -249,6 +276,7 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
     """A save that dies half-way (disk full, exception) must not touch the best model file."""
     import keras
 
+    import checkpoints
     import unet
 
     path = tmp_path / "best.keras"
@@ -262,7 +290,7 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
     monkeypatch.setattr(keras.Model, "save", broken_save)
     with pytest.raises(files.InputError, match=f"^{path}: could not be written \\(No space left "
                                               "on device\\); the earlier file, if any, is kept$"):
-        unet.save_atomic(unet.build_unet(), path)
+        checkpoints.save_atomic(unet.build_unet(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]  # the partial file is gone
 
@@ -300,10 +328,11 @@ def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
 def test_best_checkpoint_never_saves_a_non_finite_val_loss(tmp_path, small_images, value,
                                                            capsys):
+    import checkpoints
     import unet
 
     path = tmp_path / "best.keras"
-    checkpoint = unet.BestCheckpoint(path, best=0.5)
+    checkpoint = checkpoints.BestCheckpoint(path, best=0.5)
     checkpoint.set_model(unet.build_unet())
     logs = {} if value is None else {"val_loss": value}
     checkpoint.on_epoch_end(0, logs)
@@ -348,10 +377,11 @@ def test_nan_loss_stops_training_and_keeps_the_best(tmp_path, tree, small_images
 def test_existing_best_is_only_replaced_by_a_better_model(tmp_path, tree, small_images,
                                                          monkeypatch, capsys):
     """A fresh run whose models are all worse than the existing file must not replace it."""
+    import checkpoints
     import unet
 
     model_path = tmp_path / "unet.keras"
-    unet.save_atomic(unet.build_unet(), model_path)  # untrained: val_loss about 0.7
+    checkpoints.save_atomic(unet.build_unet(), model_path)  # untrained: val_loss about 0.7
     previous = weights(model_path)
     build = unet.build_unet
 
@@ -376,44 +406,28 @@ def test_existing_best_is_only_replaced_by_a_better_model(tmp_path, tree, small_
     assert png_path.read_bytes() == b"its curves"
 
 
-def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, tree, small_images):
-    import unet
+def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, killed_runs,
+                                                                 small_images):
+    import checkpoints
 
-    model_path = tmp_path / "model" / "unet.keras"
+    # Epochs 1 and 2 of 4, then SIGKILL as epoch 3 begins.
+    tree, model_path = killed_copy(killed_runs, tmp_path, "epoch_3", KILL_BEFORE_EPOCH_3,
+                                   batch_size=3)
     csv_path = model_path.with_suffix(".history.csv")
     backup = train.backup_dir(model_path)
-    marker = tmp_path / "paused"
-
-    # Epochs 1 and 2 of 4, then SIGKILL once the history CSV shows both.
-    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
-    process = subprocess.Popen([sys.executable, "-c", code, *train_args(tree, model_path, 4)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        # The header and two rows; the marker says epoch 3 is waiting (its backup is done).
-        while not (csv_path.exists() and csv_path.read_text().count("\n") == 3
-                   and marker.exists()):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "epoch 2 did not finish in time"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
     assert list(history(model_path)["epoch"]) == [0, 1]
     assert backup.is_dir()
     best_before = weights(model_path)  # the killed run's best model loads
     csv_before = csv_path.read_bytes()
 
     # Without --resume: one clear line, nothing touched.
-    result = run_train(train_args(tree, model_path, 4))
+    result = run_train(train_args(tree, model_path, 4, batch_size=3))
     assert_one_error_line(result, backup, "--resume")
     assert csv_path.read_bytes() == csv_before and backup.is_dir()
     assert same_weights(weights(model_path), best_before)
 
     # With --resume: epochs 3 and 4 only, the CSV continued, the best so far remembered.
-    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    result = run_train(train_args(tree, model_path, 4, "--resume", batch_size=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = history(model_path)
     assert list(rows["epoch"]) == [0, 1, 2, 3]
@@ -424,42 +438,40 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, tree,
     assert not backup.exists()  # a finished run removes its backup
     X, Y, _ = data.load_train(tree)
     split = data.split_index(len(X), tree)
-    best_loss = unet.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
+    best_loss = checkpoints.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
     assert best_loss == pytest.approx(rows["val_loss"].min(), rel=1e-4, abs=1e-5)
 
 
-def kill_and_resume(tree, model_path, marker, epochs, *extra):
-    """A run killed once epoch 2 is finished (and backed up), then resumed to the end."""
-    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
+def kill_and_resume(tree, model_path, epochs, *extra):
+    """A run killed as epoch 3 begins (epoch 2 finished and backed up), then resumed to the
+    end."""
     args = train_args(tree, model_path, epochs, *extra, batch_size=3)
-    process = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "epoch 2 did not finish in time"
-            time.sleep(0.1)
-    finally:
-        process.kill()
-        process.communicate()
+    result = run_train(args, KILL_BEFORE_EPOCH_3)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
     return run_train(args + ["--resume"])
 
 
 @pytest.mark.parametrize("recipe", [[], ["--recipe", "instance", "--set", "crop=32"]],
                          ids=["notebook", "instance"])
-def test_a_resumed_run_continues_the_same_run(tmp_path, tree, small_images, recipe):
+def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_images, recipe):
     """Killed after epoch 2 and resumed, a run gives the epochs of an uninterrupted run: the
     same batches in the same order (the input stream resumes where it was) and the same dropout
     masks (their random state is saved with the backup). Two batches an epoch, so that the order
     matters. Tolerance: 1e-6 relative (the same arithmetic in the same order; equal here)."""
-    whole, resumed = tmp_path / "whole" / "unet.keras", tmp_path / "resumed" / "unet.keras"
+    tree = killed_runs("epoch_3", KILL_BEFORE_EPOCH_3, batch_size=3)[0]
+    whole = tmp_path / "whole" / "unet.keras"
     uninterrupted = subprocess.Popen(
         [sys.executable, "-c", train_code(), *train_args(tree, whole, 4, *recipe, batch_size=3)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    result = kill_and_resume(tree, resumed, tmp_path / "paused", 4, *recipe)
+    if recipe:
+        result = kill_and_resume(tree, tmp_path / "resumed" / "unet.keras", 4, *recipe)
+        resumed = tmp_path / "resumed" / "unet.keras"
+    else:  # the notebook's killed run is the one the tests share
+        resumed = killed_copy(killed_runs, tmp_path, "epoch_3", KILL_BEFORE_EPOCH_3,
+                              batch_size=3)[1]
+        result = run_train(train_args(tree, resumed, 4, "--resume", batch_size=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _, stderr = uninterrupted.communicate(timeout=120)
+    _, stderr = uninterrupted.communicate(timeout=180)
     assert uninterrupted.returncode == 0, stderr[-3000:]
     assert "Epoch 3/4" in result.stdout and "Epoch 2/4" not in result.stdout
     a, b = history(whole), history(resumed)
@@ -470,12 +482,9 @@ def test_a_resumed_run_continues_the_same_run(tmp_path, tree, small_images, reci
                for x, y in zip(weights(whole), weights(resumed)))
 
 
-def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, tree,
+def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, killed_runs,
                                                                         small_images):
-
-    model_path = tmp_path / "unet.keras"
-    result = run_train(train_args(tree, model_path, 4), KILL_MID_BACKUP)
-    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup", KILL_MID_BACKUP)
     # Epoch 2's row is written before its (killed) backup.
     assert list(history(model_path)["epoch"]) == [0, 1]
     weights(model_path)  # loadable
@@ -488,12 +497,11 @@ def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path
     assert not train.backup_dir(model_path).exists()
 
 
-def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, tree, small_images):
+def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, killed_runs,
+                                                               small_images):
     """A kill in the middle of the backup's metadata file leaves invalid JSON (here on top of a
     cut weights file): --resume falls back to the previous epoch's copies."""
-    model_path = tmp_path / "unet.keras"
-    result = run_train(train_args(tree, model_path, 4), KILL_MID_BACKUP)
-    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup", KILL_MID_BACKUP)
     metadata = train.backup_dir(model_path) / "training_metadata.json"
     metadata.write_text(metadata.read_text()[:5])
     result = run_train(train_args(tree, model_path, 4, "--resume"))
@@ -521,10 +529,11 @@ def test_load_unet_refuses_other_formats_and_missing_files(tmp_path):
 
 
 def test_load_unet_calls_a_damaged_file_damaged(tmp_path, small_images):
+    import checkpoints
     import unet
 
     good = tmp_path / "good.keras"
-    unet.save_atomic(unet.build_unet(), good)
+    checkpoints.save_atomic(unet.build_unet(), good)
     content = good.read_bytes()
     damaged = {"empty": b"", "garbage": b"this is not a model" * 10,
                "truncated": content[:len(content) // 2]}
@@ -579,13 +588,15 @@ def test_same_seed_same_split_and_weights_in_fresh_processes(tmp_path, small_ima
     # Meanwhile, another seed in this process: the seed must matter, or equality proves nothing.
     other = tmp_path / "other" / "unet.keras"
     train.main(train_args(train_dir, other, 1, "--seed", "8", batch_size=2))
-    for name, process in processes.items():
+    for process in processes.values():
         _, stderr = process.communicate(timeout=150)
         assert process.returncode == 0, stderr[-3000:]
     records = [json.loads((tmp_path / f"{name}.json").read_text()) for name in processes]
     X, Y, _ = data.load_train(train_dir)
     split = data.split_index(len(X), train_dir)
-    digest = lambda a: hashlib.sha256(a.tobytes()).hexdigest()
+
+    def digest(a):
+        return hashlib.sha256(a.tobytes()).hexdigest()
     assert records[0] == records[1] == {"train": [digest(X[:split]), digest(Y[:split])],
                                         "val": [digest(X[split:]), digest(Y[split:])]}
     a, b = (tmp_path / name / "unet.keras" for name in processes)
@@ -632,13 +643,14 @@ def test_resume_without_a_backup_starts_a_new_history(tmp_path, tree, small_imag
 
 
 def test_load_unet_refuses_a_model_of_another_input_size(tmp_path, small_images, monkeypatch):
+    import checkpoints
     import unet
 
     path = tmp_path / "unet.keras"
     unet.build_unet().save(path)
     monkeypatch.setattr(config, "IMG_HEIGHT", 64)
     with pytest.raises(files.InputError, match=r"the model takes \(32, 32, 3\) images"):
-        unet.load_unet(path)
+        checkpoints.load_unet(path)
 
 
 # 7. Checked before any work (issue 8) ---------------------------------------------------------
@@ -687,11 +699,12 @@ def save_foreign_models(folder):
     """Models train.py did not write: uncompiled, and with two output channels."""
     import keras
 
+    import checkpoints
     import unet
 
     uncompiled = folder / "uncompiled.keras"
     compiled = unet.build_unet()
-    unet.save_atomic(keras.Model(compiled.inputs, compiled.outputs), uncompiled)
+    checkpoints.save_atomic(keras.Model(compiled.inputs, compiled.outputs), uncompiled)
     inputs = keras.Input((SIZE, SIZE, 3))
     two = folder / "two-outputs.keras"
     keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs)).save(two)
@@ -735,41 +748,39 @@ def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_i
 
 # 8. Locks, signals and full disks (issue 8) ------------------------------------------------------
 
-def start_paused(tree, model_path, marker, epochs=4):
-    """A run that waits before epoch 3 (epochs 1 and 2 finished and backed up)."""
-    code = train_code(PAUSE_BEFORE_EPOCH_3, marker=marker)
-    process = subprocess.Popen([sys.executable, "-c", code,
-                                *train_args(tree, model_path, epochs, batch_size=3)],
-                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the run did not reach epoch 3: " + process.communicate()[1][-3000:])
-        time.sleep(0.1)
-    return process
+# As epoch 3 begins (epochs 1 and 2 finished and backed up, the lock held), the run starts a
+# second run on its model path and records what it said, then sends itself the signal SIG.
+SECOND_RUN_THEN_SIGNAL = """
+import json, keras, subprocess
+def on_epoch_begin(self, epoch, logs=None):
+    if epoch == 2:
+        second = subprocess.run([sys.executable, "-c", SECOND, *json.loads(ARGS)], text=True,
+                                capture_output=True, timeout=120)
+        with open(RECORD, "w") as f:
+            json.dump({"returncode": second.returncode, "stderr": second.stderr}, f)
+        os.kill(os.getpid(), int(SIG))
+keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
+"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, tree,
                                                                     small_images, sig):
     model_path = tmp_path / "unet.keras"
-    process = start_paused(tree, model_path, tmp_path / "paused")
-    try:
-        second = run_train(train_args(tree, model_path, 4, "--resume"))
-        assert_one_error_line(second, model_path, "in use by another run",
-                              f"locked: {tmp_path / '.unet.keras.lock'}")
-        process.send_signal(sig)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + sig
-    assert "Traceback" not in stderr
+    record = tmp_path / "second.json"
+    hook = SECOND_RUN_THEN_SIGNAL.replace("SECOND", repr(train_code())).replace(
+        "ARGS", repr(json.dumps(train_args(tree, model_path, 4, "--resume"))))
+    result = run_train(train_args(tree, model_path, 4, batch_size=3), hook, record=record,
+                       sig=int(sig))
+    second = types.SimpleNamespace(**json.loads(record.read_text()))
+    assert_one_error_line(second, model_path, "in use by another run",
+                          f"locked: {tmp_path / '.unet.keras.lock'}")
+    assert result.returncode == 128 + sig
+    assert "Traceback" not in result.stderr
     backup = train.backup_dir(model_path)
-    assert messages(stderr) == [f"stopped by {sig.name}: the best model so far is safe in "
-                                f"{model_path}; `--resume` continues from the last finished "
-                                f"epoch ({backup})"]
+    assert messages(result.stderr) == [f"stopped by {sig.name}: the best model so far is safe "
+                                       f"in {model_path}; `--resume` continues from the last "
+                                       f"finished epoch ({backup})"]
     weights(model_path)  # loadable
     # The lock file stays, unlocked: the next run goes on.
     resumed = run_train(train_args(tree, model_path, 4, "--resume", batch_size=3))
@@ -788,8 +799,8 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_loses_nothing(tmp_pa
     assert list(rows["epoch"]) == [0]  # the history of the model that is there: epoch 1's
     X, Y, _ = data.load_train(tree)
     split = data.split_index(len(X), tree)
-    import unet
-    loss = unet.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
+    import checkpoints
+    loss = checkpoints.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
     assert loss == pytest.approx(rows["val_loss"][0], rel=1e-4)
     resumed = run_train(train_args(tree, model_path, 3, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -799,11 +810,12 @@ def test_a_full_disk_while_writing_predictions_keeps_the_earlier_ones(tmp_path, 
                                                                       small_images, monkeypatch):
     import pandas as pd
 
+    import checkpoints
     import predict
     import unet
 
     model_path = tmp_path / "unet.keras"
-    unet.save_atomic(unet.build_unet(), model_path)
+    checkpoints.save_atomic(unet.build_unet(), model_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "submission.csv").write_text("the earlier submission")
@@ -827,13 +839,14 @@ def test_run_record_carries_early_stopping_and_dropout_state_across_a_resume(tmp
                                                                              small_images):
     import keras
 
+    import checkpoints
     import unet
 
     def callbacks(model, initial_epoch):
         stopping = keras.callbacks.EarlyStopping(patience=3)
-        checkpoint = unet.BestCheckpoint(tmp_path / "m.keras")
-        record = unet.RunRecord(tmp_path / "m.history.csv", tmp_path / "m.backup", checkpoint,
-                                stopping, initial_epoch)
+        checkpoint = checkpoints.BestCheckpoint(tmp_path / "m.keras")
+        record = checkpoints.RunRecord(tmp_path / "m.history.csv", tmp_path / "m.backup",
+                                       checkpoint, stopping, initial_epoch)
         for callback in (stopping, checkpoint, record):
             callback.set_model(model)
             callback.on_train_begin()

@@ -8,9 +8,9 @@ import pytest
 import config
 import data
 import files
+import metrics
 import nuclei
 import predict
-import unet
 from tests.conftest import SAMPLE_TRAIN, disc
 
 
@@ -26,21 +26,21 @@ def test_two_touching_nuclei_predicted_as_one_score_zero():
     """Each true square is half of the merged object: IoU 0.5 is no match (IoU > t)."""
     truth = squares((5, 0, 10, 10), (5, 10, 10, 10))
     merged = squares((5, 0, 10, 20))
-    assert unet.competition_score(truth, merged) == 0.0
-    assert unet.competition_score(truth, truth) == 1.0
+    assert metrics.competition_score(truth, merged) == 0.0
+    assert metrics.competition_score(truth, truth) == 1.0
 
 
 def test_one_found_one_missed_one_invented_scores_a_third():
     truth = squares((0, 0, 10, 10), (15, 20, 10, 10))
     pred = squares((0, 0, 10, 10), (0, 30, 5, 5))
-    assert unet.competition_score(truth, pred) == pytest.approx(1 / 3)
+    assert metrics.competition_score(truth, pred) == pytest.approx(1 / 3)
 
 
 def test_shifted_nucleus_matches_at_the_thresholds_below_its_iou(capsys):
     """A 10x10 square shifted by 2 columns: IoU 80/120 = 2/3, a match at 0.50..0.65 only."""
     truth = squares((5, 5, 10, 10))
     pred = squares((5, 7, 10, 10))
-    assert unet.competition_score(truth, pred, print_table=True) == pytest.approx(0.4)
+    assert metrics.competition_score(truth, pred, print_table=True) == pytest.approx(0.4)
     table = capsys.readouterr().out.splitlines()
     assert table[4] == "0.650\t1\t0\t0\t1.000" and table[5] == "0.700\t0\t1\t1\t0.000"
 
@@ -48,10 +48,10 @@ def test_shifted_nucleus_matches_at_the_thresholds_below_its_iou(capsys):
 def test_label_values_do_not_matter_and_empty_images():
     truth = squares((0, 0, 10, 10), (15, 20, 10, 10))
     renumbered = np.where(truth == 1, 70, np.where(truth == 2, 3, 0))
-    assert unet.competition_score(truth, renumbered) == 1.0
+    assert metrics.competition_score(truth, renumbered) == 1.0
     empty = np.zeros_like(truth)
-    assert unet.competition_score(empty, empty) == 1.0
-    assert unet.competition_score(empty, truth) == 0.0 == unet.competition_score(truth, empty)
+    assert metrics.competition_score(empty, empty) == 1.0
+    assert metrics.competition_score(empty, truth) == 0.0 == metrics.competition_score(truth, empty)
 
 
 def test_equals_the_notebook_metric_where_components_are_the_nuclei():
@@ -69,8 +69,8 @@ def test_equals_the_notebook_metric_where_components_are_the_nuclei():
                 moved = (center[0] + rng.integers(-2, 3), center[1] + rng.integers(-2, 3))
                 if rng.random() < 0.8:
                     pred |= disc(pred.shape, moved, rng.integers(3, 7))
-        assert unet.competition_score(label(truth), label(pred)) == pytest.approx(
-            unet.iou_metric(truth, pred))
+        assert metrics.competition_score(label(truth), label(pred)) == pytest.approx(
+            metrics.iou_metric(truth, pred))
 
 
 def test_run_lengths_are_column_major_one_based_to_the_last_pixel():
@@ -134,8 +134,8 @@ def test_solution_from_training_masks_scores_the_true_masks_one(tmp_path):
     submitted = nuclei.labels_from_rows(rows, shapes)
     for id_, truth in zip(ids, truths):
         assert np.array_equal(read[id_] > 0, truth > 0)
-        assert unet.competition_score(read[id_], truth) == 1.0
-        assert unet.competition_score(read[id_], submitted[id_]) == 1.0
+        assert metrics.competition_score(read[id_], truth) == 1.0
+        assert metrics.competition_score(read[id_], submitted[id_]) == 1.0
 
 
 def test_image_kinds_by_the_stated_rule():

@@ -1,15 +1,16 @@
 """The model shipped in models/: what predict.py uses when nothing was trained here."""
+import checkpoints
 import config
 import data
+import metrics
 import nuclei
 import predict
-import unet
 from tests.conftest import SAMPLE_TRAIN
 
 
 def test_the_shipped_model_loads_with_its_recipe_and_finds_the_nuclei():
-    model = unet.load_unet(config.SHIPPED_MODEL)
-    recipe = unet.read_recipe(config.SHIPPED_MODEL)
+    model = checkpoints.load_unet(config.SHIPPED_MODEL)
+    recipe = checkpoints.read_recipe(config.SHIPPED_MODEL)
     assert model.count_params() == 1_940_851 and model.output_shape == (None, None, None, 3)
     assert recipe == config.RECIPES["instance"]
     ids = data.list_ids(SAMPLE_TRAIN)
@@ -19,7 +20,7 @@ def test_the_shipped_model_loads_with_its_recipe_and_finds_the_nuclei():
     # 27 nuclei in the truth (a training image); here the model found 27, scoring 0.745 on
     # this image (bounds leave room for another CPU's rounding; an untrained network finds none).
     assert truths[0].max() == 27 and 24 <= found.max() <= 30
-    assert unet.competition_score(truths[0], found) > 0.65
+    assert metrics.competition_score(truths[0], found) > 0.65
 
 
 def test_predict_uses_the_shipped_model_when_none_was_trained(tmp_path, monkeypatch, capsys):
@@ -30,3 +31,14 @@ def test_predict_uses_the_shipped_model_when_none_was_trained(tmp_path, monkeypa
     trained.write_bytes(b"")
     monkeypatch.setattr(config, "MODEL_PATH", trained)
     assert predict.default_model() == trained
+
+
+def test_tune_refuses_to_change_the_shipped_model(capsys):
+    before = config.SHIPPED_MODEL.read_bytes()
+    try:
+        predict.main(["--model-path", str(config.SHIPPED_MODEL), "--tune"])
+    except SystemExit as stop:
+        message = str(stop.value)
+    assert message == (f"error: {config.SHIPPED_MODEL}: --tune does not change the shipped "
+                       "model; copy it and tune the copy (--model-path)")
+    assert config.SHIPPED_MODEL.read_bytes() == before

@@ -1,12 +1,12 @@
-"""The instance recipe's training stream (train.crop_dataset, data.training_crop): a tf.data
+"""The instance recipe's training stream (crops.crop_dataset, crops.training_crop): a tf.data
 pipeline of TensorFlow operations; its batches, its targets, and its augmentation."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import config
+import crops
 import data
-import train
 from tests.conftest import SAMPLE_TRAIN
 
 INSTANCE = config.RECIPES["instance"]
@@ -24,12 +24,12 @@ def sample():
 
 def first_batch(store, kinds, recipe, seed, batch_size=4):
     return [t.numpy() for t in next(iter(
-        train.crop_dataset(store, kinds, recipe, batch_size, seed)))]
+        crops.crop_dataset(store, kinds, recipe, batch_size, seed)))]
 
 
 def test_batches_shapes_types_and_seeds(sample):
     inputs, labels, kinds = sample
-    store = data.crop_store(inputs, labels)
+    store = crops.crop_store(inputs, labels)
     recipe = {**INSTANCE, "crop": CROP}
     x, y = first_batch(store, kinds, recipe, seed=7)
     assert x.shape == (4, CROP, CROP, 1) and x.dtype == np.float32
@@ -39,7 +39,7 @@ def test_batches_shapes_types_and_seeds(sample):
     assert all(np.array_equal(a, b) for a, b in zip((x, y), again))
     assert not np.array_equal(x, first_batch(store, kinds, recipe, seed=8)[0])
     grey = {**recipe, "stain_augment": False}
-    store = data.crop_store([data.native_input(i, grey) for i in inputs[:2]], labels[:2])
+    store = crops.crop_store([data.native_input(i, grey) for i in inputs[:2]], labels[:2])
     assert first_batch(store, kinds[:2], grey, 7, 2)[0].shape == (2, CROP, CROP, 1)
 
 
@@ -50,7 +50,7 @@ def test_an_epoch_shows_every_image_once(sample):
     shapes = [(9, 12), (30, 20), (8, 8), (15, 15)]
     inputs = [np.full((*shape, 1), n, np.float32) for n, shape in enumerate(shapes)]
     labels = [np.zeros(shape, np.int32) for shape in shapes]
-    stream = train.crop_dataset(data.crop_store(inputs, labels), ["fluorescence"] * 4, plain,
+    stream = crops.crop_dataset(crops.crop_store(inputs, labels), ["fluorescence"] * 4, plain,
                                 4, seed=3)
     epochs = [x.numpy()[:, 0, 0, 0].tolist() for x, _ in stream.take(3)]
     assert all((x.numpy() == x.numpy()[:, :1, :1]).all() for x, _ in stream.take(3))
@@ -62,50 +62,50 @@ def test_a_resumed_stream_continues_where_it_was(sample):
     """train.py resumes a run with `stream(batch_size).skip(finished batches)`: the batches after
     the skip are the uninterrupted stream's, across an epoch's end (4 images, batches of 3)."""
     inputs, labels, kinds = sample
-    store = data.crop_store(inputs, labels)
+    store = crops.crop_store(inputs, labels)
     recipe = {**INSTANCE, "crop": 16}
-    whole = [x.numpy() for x, _ in train.crop_dataset(store, kinds, recipe, 3, 9).take(4)]
-    resumed = [x.numpy() for x, _ in train.crop_dataset(store, kinds, recipe, 3, 9).skip(2)
+    whole = [x.numpy() for x, _ in crops.crop_dataset(store, kinds, recipe, 3, 9).take(4)]
+    resumed = [x.numpy() for x, _ in crops.crop_dataset(store, kinds, recipe, 3, 9).skip(2)
                .take(2)]
     assert all(np.array_equal(a, b) for a, b in zip(whole[2:], resumed, strict=True))
 
 
 def test_stream_targets_are_the_targets_of_its_label_crops(sample):
-    """Crop k of the stream is data.training_crop with the seed (seed, k); its targets equal
-    data.instance_targets (SciPy) of the label crop, with the recipe's augmentation on."""
+    """Crop k of the stream is crops.training_crop with the seed (seed, k); its targets equal
+    crops.instance_targets (SciPy) of the label crop, with the recipe's augmentation on."""
     inputs, labels, kinds = sample
-    store = data.crop_store(inputs[:1], labels[:1])  # one image: crop k is of image 0
+    store = crops.crop_store(inputs[:1], labels[:1])  # one image: crop k is of image 0
     recipe = {**INSTANCE, "crop": CROP}
     x, y = first_batch(store, kinds[:1], recipe, seed=11, batch_size=6)
     for k in range(6):
-        crop, label_crop, targets = data.training_crop(store, 0, tf.constant([11, k], tf.int64),
+        crop, label_crop, targets = crops.training_crop(store, 0, tf.constant([11, k], tf.int64),
                                                        recipe)
         # Eagerly and in the stream's graph the float arithmetic may round apart in the last bit.
         np.testing.assert_allclose(crop.numpy(), x[k], rtol=1e-6, atol=1e-6)
-        assert np.array_equal(targets.numpy(), data.instance_targets(label_crop.numpy()))
+        assert np.array_equal(targets.numpy(), crops.instance_targets(label_crop.numpy()))
         assert np.array_equal(y[k], targets.numpy())
     assert y[..., 1].any() and y[..., 2].any()  # contours and gaps, not only background
 
 
 def test_compiled_crops_are_the_plain_operations_crops(sample):
-    """XLA compiles crop_pixels (data.training_crop): the same label crops as its plain
+    """XLA compiles crop_pixels (crops.training_crop): the same label crops as its plain
     TensorFlow operations, pixel for pixel, and inputs within float rounding (XLA fuses the
     arithmetic), for every recipe path: stain and intensity changes, contrast alone, none."""
     inputs, labels, kinds = sample
     grey = [data.native_input(image, INSTANCE) for image in data.load_native(
         SAMPLE_TRAIN, data.list_ids(SAMPLE_TRAIN)[:2])[0]]
-    paths = [(data.crop_store(inputs, labels), {**INSTANCE, "crop": CROP}),
-             (data.crop_store(grey, labels[:2]),
+    paths = [(crops.crop_store(inputs, labels), {**INSTANCE, "crop": CROP}),
+             (crops.crop_store(grey, labels[:2]),
               {**INSTANCE, "crop": CROP, "stain_augment": False, "intensity_augment": False}),
-             (data.crop_store(grey, labels[:2]),
+             (crops.crop_store(grey, labels[:2]),
               {**INSTANCE, "crop": CROP, "stain_augment": False, "augment": False})]
     for store, recipe in paths:
         for k in range(8):
             n = k % len(store["offsets"])
             seed = tf.constant([3, k], tf.int64)
-            x, label_crop, _ = data.training_crop(store, n, seed, recipe)
-            plain_x, plain_labels = data.crop_pixels(
-                store, data.crop_draws(store, n, seed, recipe), CROP)
+            x, label_crop, _ = crops.training_crop(store, n, seed, recipe)
+            plain_x, plain_labels = crops.crop_pixels(
+                store, crops.crop_draws(store, n, seed, recipe), CROP)
             assert np.array_equal(label_crop.numpy(), plain_labels.numpy())
             np.testing.assert_allclose(x.numpy(), plain_x.numpy(), rtol=0, atol=1e-5)
 
@@ -117,11 +117,11 @@ def test_rescaled_flipped_turned_crops_keep_image_and_labels_aligned():
     the image does, whatever the scale, turn and flip."""
     rows, cols = np.indices((200, 230))
     labels = (rows // 14 * 13 + cols // 18 + 1).astype(np.int32)
-    store = data.crop_store([labels[..., None].astype(np.float32)], [labels])
+    store = crops.crop_store([labels[..., None].astype(np.float32)], [labels])
     recipe = {**INSTANCE, "crop": CROP, "intensity_augment": False, "stain_augment": False}
     windows = set()
     for k in range(12):
-        x, label_crop, _ = (t.numpy() for t in data.training_crop(
+        x, label_crop, _ = (t.numpy() for t in crops.training_crop(
             store, 0, tf.constant([5, k], tf.int64), recipe))
         assert label_crop.shape == (CROP, CROP) and label_crop.dtype == np.int32
         padded = np.pad(label_crop, 2, mode="edge")
@@ -144,7 +144,7 @@ def test_intensity_stays_in_range(sample):
     rng = np.random.default_rng(0)
     inputs = [rng.random((80, 90, 1)).astype(np.float32) for _ in range(4)]
     labels = [np.zeros((80, 90), np.int32)] * 4
-    store = data.crop_store(inputs, labels)
+    store = crops.crop_store(inputs, labels)
     kinds = ["fluorescence"] * 4
     plain = {**INSTANCE, "crop": CROP, "intensity_augment": False, "stain_augment": False}
     x, _ = first_batch(store, kinds, plain, seed=1, batch_size=16)
@@ -165,8 +165,8 @@ def test_blur_is_scipys_gaussian_filter():
            "gradient": tf.constant(False), "contrast": tf.constant(1.0),
            "offset": tf.constant(0.0)}
     for sigma in (0.5, 0.77, 1.0, 1.12, 1.5):
-        draws = {**data.intensity_draws(tf.constant([1, 0], tf.int64), x.shape), **off,
+        draws = {**crops.intensity_draws(tf.constant([1, 0], tf.int64), x.shape), **off,
                  "sigma": tf.constant(sigma)}
         expected = ndimage.gaussian_filter(x[..., 0].astype(np.float64), sigma, mode="reflect")
-        np.testing.assert_allclose(data.intensity_jitter(x, draws).numpy()[..., 0], expected,
+        np.testing.assert_allclose(crops.intensity_jitter(x, draws).numpy()[..., 0], expected,
                                    rtol=0, atol=1e-6)

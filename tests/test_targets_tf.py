@@ -1,9 +1,10 @@
-"""data.instance_targets_tf, the instance recipe's targets from TensorFlow window maxima and
-minima, against data.instance_targets (SciPy filters): equal pixel for pixel, borders included."""
+"""crops.instance_targets_tf, the instance recipe's targets from TensorFlow window maxima and
+minima, against crops.instance_targets (SciPy filters): equal pixel for pixel, borders included."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import crops
 import data
 from tests.conftest import SAMPLE_TRAIN, disc
 
@@ -42,8 +43,8 @@ HAND_MADE = {
 @pytest.mark.parametrize("name", HAND_MADE)
 def test_hand_made_labels(name):
     labels = HAND_MADE[name]
-    expected = data.instance_targets(labels)
-    targets = data.instance_targets_tf(tf.constant(labels))
+    expected = crops.instance_targets(labels)
+    targets = crops.instance_targets_tf(tf.constant(labels))
     assert targets.dtype == tf.uint8 and targets.shape == (H, W, 3)
     assert np.array_equal(targets.numpy(), expected)
 
@@ -51,16 +52,16 @@ def test_hand_made_labels(name):
 def test_hand_made_labels_show_every_target():
     """The cases above are not all background: each target channel is set somewhere, and the
     gap channel where two nuclei touch (so equality tests something)."""
-    stacked = np.stack([data.instance_targets(labels) for labels in HAND_MADE.values()])
+    stacked = np.stack([crops.instance_targets(labels) for labels in HAND_MADE.values()])
     assert stacked.reshape(-1, 3).any(axis=0).tolist() == [True, True, True]
-    assert data.instance_targets(HAND_MADE["touching nuclei"])[..., 2].sum() > 0
+    assert crops.instance_targets(HAND_MADE["touching nuclei"])[..., 2].sum() > 0
 
 
 def test_a_batch_equals_its_images():
     batch = np.stack(list(HAND_MADE.values()))
-    targets = data.instance_targets_tf(tf.constant(batch)).numpy()
+    targets = crops.instance_targets_tf(tf.constant(batch)).numpy()
     assert targets.shape == (len(HAND_MADE), H, W, 3)
-    assert np.array_equal(targets, np.stack([data.instance_targets(labels) for labels in batch]))
+    assert np.array_equal(targets, np.stack([crops.instance_targets(labels) for labels in batch]))
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +75,25 @@ def test_sample_labels_whole_and_cropped(sample_labels):
     """Whole label images of the sample, and 64x80 crops at their corners and centre (nuclei
     cut by the crop's border, as in training crops)."""
     for labels in sample_labels:
-        assert np.array_equal(data.instance_targets_tf(tf.constant(labels)).numpy(),
-                              data.instance_targets(labels))
+        assert np.array_equal(crops.instance_targets_tf(tf.constant(labels)).numpy(),
+                              crops.instance_targets(labels))
         h, w = labels.shape
         for top, left in [(0, 0), (0, w - 80), (h - 64, 0), (h - 64, w - 80),
                           ((h - 64) // 2, (w - 80) // 2)]:
             crop = labels[top:top + 64, left:left + 80]
-            assert np.array_equal(data.instance_targets_tf(tf.constant(crop)).numpy(),
-                                  data.instance_targets(crop))
+            assert np.array_equal(crops.instance_targets_tf(tf.constant(crop)).numpy(),
+                                  crops.instance_targets(crop))
 
 
 def test_compiled_by_xla(sample_labels):
-    compiled = tf.function(data.instance_targets_tf, jit_compile=True)
+    compiled = tf.function(crops.instance_targets_tf, jit_compile=True)
     for batch in (np.stack(list(HAND_MADE.values())),
                   np.stack([labels[:64, :80] for labels in sample_labels])):
         targets = compiled(tf.constant(batch))
         assert targets.dtype == tf.uint8
-        assert np.array_equal(targets.numpy(), np.stack([data.instance_targets(l) for l in batch]))
+        assert np.array_equal(targets.numpy(), np.stack([crops.instance_targets(b) for b in batch]))
 
 
 def test_rejects_other_ranks():
     with pytest.raises(ValueError, match=r"\(H, W\) or \(B, H, W\)"):
-        data.instance_targets_tf(tf.zeros([2, 8, 8, 1], tf.int32))
+        crops.instance_targets_tf(tf.zeros([2, 8, 8, 1], tf.int32))

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
+import checkpoints
 import config
+import metrics
 import unet
 from tests.conftest import SAMPLE_TRAIN
 from tests.reference import iou_metric_batch_notebook, iou_metric_notebook
@@ -18,29 +20,29 @@ def test_parameter_count_and_output_shape():
     assert model.count_params() == 1_941_105
     assert model.output_shape == (None, 128, 128, 1)
     assert model.layers[1].__class__.__name__ == "Rescaling"
-    assert len([l for l in model.layers if l.__class__.__name__ == "Conv2D"]) == 19
+    assert len([x for x in model.layers if x.__class__.__name__ == "Conv2D"]) == 19
     assert model.predict(np.zeros((2, 128, 128, 3), np.uint8), verbose=0).shape == (2, 128, 128, 1)
 
 
 def test_metric_identical_masks_score_one():
     mask = square(2, 2) | square(18, 18)
-    assert unet.iou_metric(mask, mask) == 1.0
+    assert metrics.iou_metric(mask, mask) == 1.0
 
 
 def test_metric_disjoint_masks_score_zero():
-    assert unet.iou_metric(square(0, 0), square(20, 20)) == 0.0
+    assert metrics.iou_metric(square(0, 0), square(20, 20)) == 0.0
 
 
 def test_metric_one_missed_nucleus():
     """Two true nuclei, one found exactly: TP 1, FN 1 at every threshold -> 1/2."""
     truth = square(2, 2) | square(18, 18)
-    assert unet.iou_metric(truth, square(2, 2)) == 0.5
+    assert metrics.iou_metric(truth, square(2, 2)) == 0.5
 
 
 def test_metric_shifted_square_exact_fraction(capsys):
     """A 10x10 square shifted by 2 columns: IoU = 80 / 120 = 2/3, a match at t = 0.50, 0.55,
     0.60, 0.65 only, so the score is 4/10."""
-    assert unet.iou_metric(square(5, 5), square(5, 7), print_table=True) == pytest.approx(0.4)
+    assert metrics.iou_metric(square(5, 5), square(5, 7), print_table=True) == pytest.approx(0.4)
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "Thresh\tTP\tFP\tFN\tPrec."
     assert table[4] == "0.650\t1\t0\t0\t1.000"
@@ -50,9 +52,9 @@ def test_metric_shifted_square_exact_fraction(capsys):
 
 def test_metric_keeps_the_kernels_quirks():
     empty = np.zeros((32, 32), bool)
-    assert unet.iou_metric(empty, empty) == 0.0
+    assert metrics.iou_metric(empty, empty) == 0.0
     full = np.ones((32, 32), bool)
-    assert unet.iou_metric(full, full) == 0.0 == iou_metric_notebook(full, full)
+    assert metrics.iou_metric(full, full) == 0.0 == iou_metric_notebook(full, full)
 
 
 def test_metric_equals_the_kernels_on_random_and_real_masks():
@@ -71,10 +73,10 @@ def test_metric_equals_the_kernels_on_random_and_real_masks():
         pairs += [(y, y), (y, binary_erosion(y)), (y, binary_dilation(y)),
                   (y, shift(y, (1, 2), order=0)), (y, np.zeros_like(y)), (np.zeros_like(y), y)]
     for a, b in pairs:
-        assert unet.iou_metric(a, b) == iou_metric_notebook(a, b)
+        assert metrics.iou_metric(a, b) == iou_metric_notebook(a, b)
     batch_true = np.stack([a for a, _ in pairs[:16]])[..., None]
     batch_pred = np.stack([b for _, b in pairs[:16]])[..., None].astype(np.float32)
-    assert unet.iou_metric_batch(batch_true, batch_pred) == iou_metric_batch_notebook(
+    assert metrics.iou_metric_batch(batch_true, batch_pred) == iou_metric_batch_notebook(
         batch_true, batch_pred)
 
 
@@ -84,9 +86,9 @@ def test_tensorflow_metric_equals_numpy_metric():
     rng = np.random.default_rng(1)
     y_true = rng.random((4, 32, 32, 1)) < 0.3
     y_pred = rng.random((4, 32, 32, 1)).astype(np.float32)
-    value = unet.my_iou_metric(tf.constant(y_true), tf.constant(y_pred))
+    value = metrics.my_iou_metric(tf.constant(y_true), tf.constant(y_pred))
     assert value.shape == () and value.dtype == tf.float32
-    assert float(value) == unet.iou_metric_batch(y_true, y_pred)
+    assert float(value) == metrics.iou_metric_batch(y_true, y_pred)
 
 
 def test_dropout_is_recipe_data_and_holds_no_weights():
@@ -119,8 +121,8 @@ def test_gap_weight_multiplies_the_cross_entropy_of_gap_pixels(tmp_path):
     # A gap-weighted model reloads with its loss (for --resume).
     recipe = {**config.RECIPES["instance"], "gap_weight": 3.0}
     model = unet.build_unet(recipe=recipe)
-    unet.save_atomic(model, tmp_path / "m.keras", recipe)
-    reloaded = unet.load_unet(tmp_path / "m.keras")
+    checkpoints.save_atomic(model, tmp_path / "m.keras", recipe)
+    reloaded = checkpoints.load_unet(tmp_path / "m.keras")
     assert reloaded.loss.gap_weight == 3.0
     assert np.isclose(float(reloaded.loss(y_true, y_pred)),
                       float(unet.bce_dice(y_true, y_pred, 3.0)))
