@@ -279,16 +279,17 @@ def test_score_dir_scores_every_image_by_slide(tmp_path, threshold_model, capsys
     import checkpoints
 
     tree = tmp_path / "tnbc"
-    make_dsb_tree(tree, n_images=3)
-    for old, new in zip(["id00", "id01", "id02"], ["tnbc_01_1", "tnbc_01_2", "tnbc_02_1"]):
-        (tree / old / "images" / f"{old}.png").rename(tree / old / "images" / f"{new}.png")
-        (tree / old).rename(tree / new)
+    for id_ in ("tnbc_01_1", "tnbc_01_2", "tnbc_02_1"):  # four discs each, four masks
+        write_png(tree / id_ / "images" / f"{id_}.png", discs())
+        for k, centre in enumerate(CENTRES):
+            write_png(tree / id_ / "masks" / f"{k}.png",
+                      disc(SHAPE, centre, 9).astype(np.uint8) * 255)
     predictor = nuclei.Predictor(checkpoints.load_unet(threshold_model),
                                  config.RECIPES["instance"],
                                  device.Compute(False, "float32", "a test"))
     predict.report_folder(predictor, tree)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"Competition score, {tree}: 1.0000 over 3 images, 1.0000 over 2 groups "
-                     "(each counts once); 9 nuclei, 9 predicted",
+                     "(each counts once); 12 nuclei, 12 predicted",
                      "  tnbc_01                2 images  1.0000",
                      "  tnbc_02                1 images  1.0000"]

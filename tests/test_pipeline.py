@@ -56,8 +56,8 @@ def test_overlay_outlines_each_nucleus_in_its_own_colour():
 def test_contact_sheet_rows_of_ceil_sqrt_n_tiles():
     images = [np.zeros((256, 320, 3), np.uint8)] * 5 + [np.zeros((1040, 1388, 3), np.uint8)]
     labels = [np.zeros(image.shape[:2], np.int32) for image in images]
-    sheet = predict.contact_sheet(images, labels, [f"id{n}" for n in range(6)])
-    assert sheet.size == (3 * predict.TILE, 2 * (predict.TILE + predict.CAPTION))
+    sheet = pictures.contact_sheet(images, labels, [f"id{n}" for n in range(6)])
+    assert sheet.size == (3 * pictures.TILE, 2 * (pictures.TILE + pictures.CAPTION))
 
 
 def test_train_one_epoch_then_predict_headless(tmp_path, small_images):

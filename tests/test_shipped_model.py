@@ -13,6 +13,11 @@ def test_the_shipped_model_loads_with_its_recipe_and_finds_the_nuclei():
     recipe = checkpoints.read_recipe(config.SHIPPED_MODEL)
     assert model.count_params() == 1_940_851 and model.output_shape == (None, None, None, 3)
     assert recipe == config.RECIPES["instance"]
+    # Trained by the README's command, to the end of the recipe's epochs.
+    record = checkpoints.read_training(config.SHIPPED_MODEL)
+    assert record["command"] == ("python train.py --recipe instance --model-path "
+                                 "models/instance.keras")
+    assert record["epochs"] == record["epochs_run"] == 40 and record["training_images"] == 597
     ids = data.list_ids(SAMPLE_TRAIN)
     id_ = next(i for i in ids if i.startswith("1d4a5e72"))
     images, truths = data.load_native(SAMPLE_TRAIN, [id_])
@@ -38,7 +43,7 @@ def test_tune_refuses_to_change_the_shipped_model(capsys):
     try:
         predict.main(["--model-path", str(config.SHIPPED_MODEL), "--tune"])
     except SystemExit as stop:
-        message = str(stop.value)
+        message = str(stop)
     assert message == (f"error: {config.SHIPPED_MODEL}: --tune does not change the shipped "
                        "model; copy it and tune the copy (--model-path)")
     assert config.SHIPPED_MODEL.read_bytes() == before
