@@ -4,6 +4,7 @@ inside the archive, atomic saving, safe loading, the best checkpoint and the run
 import json
 import math
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -51,9 +52,12 @@ def load_unet(path):
         raise files.InputError(f"{path}: damaged model file (not a .keras archive); retrain or "
                                "restore it")
     try:
-        model = keras.saving.load_model(
-            path, custom_objects={"my_iou_metric": my_iou_metric, "bce_dice": bce_dice},
-            safe_mode=True)
+        with warnings.catch_warnings():
+            # train.py's files hold no optimizer state (BestCheckpoint's slim model), by design.
+            warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+            model = keras.saving.load_model(
+                path, custom_objects={"my_iou_metric": my_iou_metric, "bce_dice": bce_dice},
+                safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad archive; name the file.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if "Lambda" in str(error):

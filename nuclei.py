@@ -189,8 +189,10 @@ class Network:
 
         self.compute = compute or device.prediction_compute("auto")
         self.outputs = model.output_shape[-1]
-        net = model if self.compute.policy == "float32" else _with_policy(model,
-                                                                          self.compute.policy)
+        # A model trained in mixed precision carries its layers' policy: set the one asked for.
+        inner = model.layers[1:-1]
+        net = (model if all(layer.dtype_policy.name == self.compute.policy for layer in inner)
+               else _with_policy(model, self.compute.policy))
         self._call = tf.function(lambda x: net(x, training=False),
                                  jit_compile=self.compute.jit is not False)
 
@@ -207,8 +209,7 @@ def _with_policy(model, policy):
 
     def clone(layer):
         config_ = layer.get_config()
-        if layer is not output:
-            config_["dtype"] = policy
+        config_["dtype"] = "float32" if layer is output else policy
         return layer.__class__.from_config(config_)
 
     copy = keras.models.clone_model(model, clone_function=clone)

@@ -72,3 +72,23 @@ def test_bfloat16_prediction_finds_the_float32_nuclei_on_the_sample_images():
     for single, half in zip(found["float32"], found["mixed_bfloat16"]):
         union = np.count_nonzero((single > 0) | (half > 0))
         assert np.count_nonzero((single > 0) & (half > 0)) >= 0.99 * union
+
+
+def test_a_model_trained_in_bfloat16_predicts_in_float32_when_asked():
+    """A model saved by a mixed-precision run carries its layers' bfloat16 policy: float32
+    prediction computes in float32 all the same (as a float32 model with its weights does)."""
+    import keras
+
+    import unet
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    mixed = unet.build_unet(recipe=config.RECIPES["instance"])
+    keras.mixed_precision.set_global_policy("float32")
+    single = unet.build_unet(recipe=config.RECIPES["instance"])
+    single.set_weights(mixed.get_weights())
+    x = np.random.default_rng(0).random((1, 64, 64, 1), dtype=np.float32)
+    plain = device.Compute(False, "float32", "a test")
+    expected = nuclei.Network(single, plain)(x)
+    np.testing.assert_allclose(nuclei.Network(mixed, plain)(x), expected, atol=1e-5)
+    half = nuclei.Network(single, device.Compute(False, "mixed_bfloat16", "a test"))(x)
+    assert np.abs(half - expected).max() > 1e-4  # bfloat16 is not float32
