@@ -22,10 +22,11 @@ def test_the_shipped_model_loads_with_its_recipe_and_finds_the_nuclei():
     id_ = next(i for i in ids if i.startswith("1d4a5e72"))
     images, truths = data.load_native(SAMPLE_TRAIN, [id_])
     found = nuclei.Predictor(model, recipe).nuclei(images)[0]
-    # 27 nuclei in the truth (a training image); here the model found 27, scoring 0.745 on
-    # this image (bounds leave room for another CPU's rounding; an untrained network finds none).
+    # 27 nuclei in the truth (a training image); here the model found 27, scoring 0.785 on
+    # this image in float32 and bfloat16 (bounds leave room for another CPU's rounding; an
+    # untrained network finds none).
     assert truths[0].max() == 27 and 24 <= found.max() <= 30
-    assert metrics.competition_score(truths[0], found) > 0.65
+    assert metrics.competition_score(truths[0], found) > 0.72
 
 
 def test_predict_uses_the_shipped_model_when_none_was_trained(tmp_path, monkeypatch, capsys):
