@@ -6,8 +6,10 @@ subprocess run takes seconds. Runs that must be killed, or that must start fresh
 subprocess: `python -c` sets the image size, optionally installs a hook (a kill at a chosen
 moment, a pause, a recorder), then calls `train.main`.
 """
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -191,6 +193,23 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def run_train(args, hook="", timeout=120, **paths):
     return subprocess.run([sys.executable, "-c", train_code(hook, **paths), *args], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(args):
+    """train.main(args) in this process (the test's small_images fixture sets the image size),
+    with what it prints and its exit status, as run_train gives them: for runs that need no
+    real signal, without a second TensorFlow start-up."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            train.main(args)
+        except SystemExit as stop:
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+            returncode = 1 if isinstance(stop.code, str) else stop.code or 0
+    return types.SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue())
 
 
 def killed(result):
@@ -421,13 +440,13 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, kille
     csv_before = csv_path.read_bytes()
 
     # Without --resume: one clear line, nothing touched.
-    result = run_train(train_args(tree, model_path, 4, batch_size=3))
+    result = run_here(train_args(tree, model_path, 4, batch_size=3))
     assert_one_error_line(result, backup, "--resume")
     assert csv_path.read_bytes() == csv_before and backup.is_dir()
     assert same_weights(weights(model_path), best_before)
 
     # With --resume: epochs 3 and 4 only, the CSV continued, the best so far remembered.
-    result = run_train(train_args(tree, model_path, 4, "--resume", batch_size=3))
+    result = run_here(train_args(tree, model_path, 4, "--resume", batch_size=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = history(model_path)
     assert list(rows["epoch"]) == [0, 1, 2, 3]
@@ -488,7 +507,7 @@ def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path
     # Epoch 2's row is written before its (killed) backup.
     assert list(history(model_path)["epoch"]) == [0, 1]
     weights(model_path)  # loadable
-    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    result = run_here(train_args(tree, model_path, 4, "--resume"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The damaged backup of epoch 2 is replaced by epoch 1's, so epoch 2 is run again; the
     # history keeps one row for each epoch.
@@ -504,7 +523,7 @@ def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, killed_
     tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup", KILL_MID_BACKUP)
     metadata = train.backup_dir(model_path) / "training_metadata.json"
     metadata.write_text(metadata.read_text()[:5])
-    result = run_train(train_args(tree, model_path, 4, "--resume"))
+    result = run_here(train_args(tree, model_path, 4, "--resume"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "is damaged: resuming from the previous epoch's backup" in result.stdout
     assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
@@ -783,7 +802,7 @@ def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, tre
                                        f"finished epoch ({backup})"]
     weights(model_path)  # loadable
     # The lock file stays, unlocked: the next run goes on.
-    resumed = run_train(train_args(tree, model_path, 4, "--resume", batch_size=3))
+    resumed = run_here(train_args(tree, model_path, 4, "--resume", batch_size=3))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
 
@@ -802,7 +821,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_loses_nothing(tmp_pa
     import checkpoints
     loss = checkpoints.load_unet(model_path).evaluate(X[split:], Y[split:], verbose=0)[0]
     assert loss == pytest.approx(rows["val_loss"][0], rel=1e-4)
-    resumed = run_train(train_args(tree, model_path, 3, "--resume"))
+    resumed = run_here(train_args(tree, model_path, 3, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
