@@ -97,6 +97,16 @@ def say(text=""):
     print(text, flush=True)
 
 
+# The Markdown table's rows, (part, measurement, value, rate), in the order they are measured.
+ROWS = []
+
+
+def row(part, measurement, value, rate=""):
+    """One measurement: printed as it comes, and a row of the table printed at the end."""
+    ROWS.append((part, measurement, value, rate))
+    say(f"{measurement}: {value}" + (f" ({rate})" if rate else ""))
+
+
 class OtherCPU:
     """CPU seconds that other processes (not this one's children) used since the start: the
     timings are only this machine's speed when it stays near 0 (on Linux; None elsewhere)."""
@@ -141,16 +151,16 @@ def bench_loading(train_dir):
 
     say("== 1. Loading " + "=" * 70)
     (Xn, Yn, idn), t_notebook = timed(reference.load_train_notebook, str(train_dir))
-    say(f"notebook loop (one resize per mask):  {t_notebook:8.2f} s")
+    row("Loading", "notebook loop (one resize per mask)", f"{t_notebook:.2f} s", "1x")
     (X, Y, ids), t_cold = timed(quiet_load, train_dir, None)
-    say(f"data.load_train, cold (no cache):     {t_cold:8.2f} s   "
-        f"{t_notebook / t_cold:5.1f}x faster than the notebook loop")
+    row("Loading", "`data.load_train`, cold", f"{t_cold:.2f} s", f"{t_notebook / t_cold:.1f}x")
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
         _, t_build = timed(quiet_load, train_dir, cache_dir)
         (Xc, Yc, idc), t_cached = timed(quiet_load, train_dir, cache_dir)
-    say(f"data.load_train, building the cache:  {t_build:8.2f} s")
-    say(f"data.load_train, from the cache:      {t_cached:8.2f} s   "
-        f"{t_notebook / t_cached:5.0f}x faster than the notebook loop")
+    row("Loading", "`data.load_train`, building the cache", f"{t_build:.2f} s",
+        f"{t_notebook / t_build:.1f}x")
+    row("Loading", "`data.load_train`, from the cache", f"{t_cached:.3f} s",
+        f"{t_notebook / t_cached:.0f}x")
     same = {
         "X": np.array_equal(Xn, X) and Xn.dtype == X.dtype,
         "Y": np.array_equal(Yn, Y) and Yn.dtype == Y.dtype,
@@ -164,8 +174,10 @@ def bench_loading(train_dir):
     say(f"  cached arrays == cold arrays: {'identical' if same_cache else 'DIFFERENT'}")
     say(f"  {len(ids)} images, X {X.shape} {X.dtype}, Y {Y.shape} {Y.dtype}, "
         f"nucleus pixels {Y.mean():.1%}")
-    return dict(X=X, Y=Y, ids=ids, t_notebook=t_notebook, t_cold=t_cold, t_build=t_build,
-                t_cached=t_cached, identical=all(same.values()) and same_cache)
+    identical = all(same.values()) and same_cache
+    row("Loading", "arrays (X, Y, ids) identical to the notebook loop's",
+        "yes" if identical else "**NO**")
+    return dict(X=X, Y=Y, ids=ids, identical=identical)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,16 +245,17 @@ def bench_metric(Y):
         for t, p in zip(y_true, y_pred))
     say(f"{n_batches} batches of {METRIC_BATCH} real {Y.shape[1]}x{Y.shape[2]} masks, "
         f"predictions: {', '.join(kinds)}")
-    say(f"notebook (histogram2d) metric:  {per_slow:7.2f} ms per batch")
-    say(f"metrics.iou_metric_batch:          {per_fast:7.2f} ms per batch   "
-        f"{per_slow / per_fast:5.1f}x faster")
-    say(f"metrics.my_iou_metric (XLA):       {per_compiled:7.2f} ms per batch   "
-        f"{per_slow / per_compiled:5.1f}x faster (compiling it took {t_compile:.1f} s)")
-    say(f"  batch values identical: {identical}; per-image values identical: {per_image_same}; "
-        f"XLA metric's values identical: {compiled_identical}; mean score {np.mean(fast):.4f}")
-    return dict(n_batches=n_batches, per_fast=per_fast, per_slow=per_slow,
-                per_compiled=per_compiled, compiled_identical=compiled_identical,
-                identical=identical and per_image_same, mean=float(np.mean(fast)))
+    row("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{per_slow:.2f} ms", "1x")
+    row("Metric", f"`metrics.iou_metric_batch`, batch of {METRIC_BATCH}", f"{per_fast:.2f} ms",
+        f"{per_slow / per_fast:.1f}x")
+    row("Metric", f"values identical ({n_batches} batches, every image)",
+        "yes" if identical and per_image_same else "**NO**")
+    row("Metric", f"`metrics.my_iou_metric` (TensorFlow, XLA; compiling took {t_compile:.1f} s),"
+        f" batch of {METRIC_BATCH}", f"{per_compiled:.2f} ms", f"{per_slow / per_compiled:.1f}x")
+    row("Metric", f"its values identical to `metrics.iou_metric_batch`'s ({n_batches} batches)",
+        "yes" if compiled_identical else "**NO**")
+    say(f"mean score {np.mean(fast):.4f}")
+    return dict(compiled_identical=compiled_identical, identical=identical and per_image_same)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,14 +320,15 @@ def bench_bound():
     forward, _ = model_flops(model)
     train_per_image = 3 * forward
     bound = f32 / train_per_image
-    say(f"TensorFlow matmul {MATMUL_N}x{MATMUL_N}, best of {MATMUL_REPEATS}: "
-        f"float32 {f32 / 1e9:6.1f} GFLOP/s, bfloat16 {bf16 / 1e9:6.1f} GFLOP/s")
-    say(f"U-Net ({model.count_params():,} parameters): forward {forward / 1e9:.3f} GFLOP per "
-        f"image (convolutions, multiply-add = 2 FLOPs); training = 3 x forward "
-        f"(forward, input gradients, weight gradients) = {train_per_image / 1e9:.3f} GFLOP")
-    say(f"compute-bound training at float32 matmul speed: {bound:6.1f} images/s")
-    return dict(f32=f32, bf16=bf16, forward=forward, train_per_image=train_per_image,
-                bound=bound, params=model.count_params())
+    matmul = f"TensorFlow matmul {MATMUL_N}x{MATMUL_N}, best of {MATMUL_REPEATS}"
+    row("Bound", f"{matmul}, float32", f"{f32 / 1e9:.1f} GFLOP/s")
+    row("Bound", f"{matmul}, bfloat16", f"{bf16 / 1e9:.1f} GFLOP/s")
+    row("Bound", f"U-Net ({model.count_params():,} parameters) forward FLOPs per image "
+        "(convolutions, multiply-add = 2 FLOPs)", f"{forward / 1e9:.3f} GFLOP")
+    row("Bound", "training FLOPs per image (3 x forward: forward, input and weight gradients)",
+        f"{train_per_image / 1e9:.3f} GFLOP")
+    row("Bound", "compute-bound training speed (float32)", f"{bound:.1f} images/s")
+    return dict(bound=bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,26 +375,24 @@ def bench_training(X, Y, train_dir, epochs, bound):
               steps_per_epoch=math.ceil(len(X_train) / config.BATCH_SIZE),
               validation_data=(X_val, Y_val), batch_size=config.BATCH_SIZE, epochs=epochs,
               shuffle=False, verbose=0, callbacks=[timer])
-    result = dict(n_train=len(X_train), n_val=len(X_val), rows=timer.rows,
-                  first=timer.rows[0][0], others=others.seconds())
+    row("Training", f"first epoch (includes tracing), batch {config.BATCH_SIZE}, "
+        f"{len(X_train)} training / {len(X_val)} validation images", f"{timer.rows[0][0]:.2f} s")
     steady = timer.rows[1:]
     if steady:
         epoch_time = float(np.mean([r[0] for r in steady]))
         train_time = float(np.mean([r[1] for r in steady]))
-        result.update(epoch=epoch_time, train=train_time,
-                      ips_epoch=len(X_train) / epoch_time, ips_train=len(X_train) / train_time)
-        result.update(ratio=result["ips_train"] / bound,
-                      best=min(r[0] for r in steady), best_train=min(r[1] for r in steady))
-        say(f"steady state (epochs 2-{len(timer.rows)}, mean): epoch {epoch_time:.2f} s = "
-            f"{result['ips_epoch']:.1f} training images/s with validation; training part "
-            f"{train_time:.2f} s = {result['ips_train']:.1f} images/s = "
-            f"{result['ratio']:.0%} of the compute bound ({bound:.1f} images/s)")
-        say(f"fastest steady epoch {result['best']:.2f} s, its training part "
-            f"{result['best_train']:.2f} s = {len(X_train) / result['best_train']:.1f} images/s = "
-            f"{len(X_train) / result['best_train'] / bound:.0%} of the bound")
+        best_train = min(r[1] for r in steady)
+        row("Training", f"steady-state epoch (epochs 2-{len(timer.rows)}, mean), with "
+            "validation", f"{epoch_time:.2f} s", f"{len(X_train) / epoch_time:.1f} images/s")
+        row("Training", "steady-state epoch, training part", f"{train_time:.2f} s",
+            f"{len(X_train) / train_time:.1f} images/s")
+        row("Training", "training speed / compute bound",
+            f"{len(X_train) / train_time / bound:.0%}")
+        row("Training", "fastest steady-state epoch, training part", f"{best_train:.2f} s",
+            f"{len(X_train) / best_train:.1f} images/s")
     else:
         say("only one epoch: no steady-state time (the first includes tracing); use --epochs 2+")
-    return result
+    say(other_cpu_note(others.seconds(), sum(r[0] for r in timer.rows)) + " (training)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,15 +438,12 @@ def bench_stream(train_dir):
     recipe = config.RECIPES["instance"]
     one_cpu = one_cpu_stream_rate(train_dir)
     all_cpus, n_train, first = stream_rate(train_dir)
-    result = dict(n_train=n_train, one_core=one_cpu, all_cores=all_cpus,
-                  scaling=one_cpu and all_cpus / one_cpu)
-    crops = f"{n_train} training images, crops of {recipe['crop']}x{recipe['crop']}"
-    say(f"{crops}, one CPU: " + (f"{one_cpu:7.1f} crops/s" if one_cpu else "not measured "
-                                 "(this system cannot bind a process to one CPU)"))
-    say(f"{crops}, all {os.cpu_count()} CPUs: {all_cpus:7.1f} crops/s")
-    if one_cpu:
-        say(f"all {os.cpu_count()} CPUs / one: {result['scaling']:.2f}x")
-    return result, first
+    crops = f"instance recipe's crops, {n_train} training images, {recipe['crop']}x{recipe['crop']}"
+    row("Stream", f"{crops}, one CPU", f"{one_cpu:.1f} crops/s" if one_cpu else
+        "not measured (this system cannot bind a process to one CPU)")
+    row("Stream", f"the same, all {os.cpu_count()} CPUs", f"{all_cpus:.1f} crops/s",
+        f"{all_cpus / one_cpu:.2f}x" if one_cpu else "")
+    return first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,42 +486,43 @@ def bench_steps(X, Y, instance_batch):
     recipe = config.RECIPES["instance"]
     policies = ["float32"] + (["mixed_bfloat16"] if device.cpu_has_bfloat16() else [])
     paths = {True: "XLA", False: "plain graph"}
+    train_path = device.training_compute("auto", True, False)
+    predict_path = device.prediction_compute("auto")
+    chosen = {"train": (train_path.policy, train_path.jit is not False),
+              "predict": (predict_path.policy, predict_path.jit is not False)}
     x, y = instance_batch
-    result = dict(instance={}, window={}, notebook={}, instance_batch=int(x.shape[0]))
+    steps, windows = {}, {}
     for policy in policies:
         for jit in paths:
             keras.mixed_precision.set_global_policy(policy)
             keras.utils.set_random_seed(config.SEED)
             model = unet.build_unet(recipe=recipe, steps=100, jit=jit)
-            seconds = result["instance"][policy, jit] = time_steps(model, x, y)
-            say(f"instance step, batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}, {policy}, "
-                f"{paths[jit]}: {seconds * 1e3:7.0f} ms = {x.shape[0] / seconds:.1f} crops/s")
+            seconds = steps[policy, jit] = time_steps(model, x, y)
+            mark = " (train.py's)" if chosen["train"] == (policy, jit) else ""
+            row("Steps", f"instance recipe, batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}, "
+                f"{policy}, {paths[jit]}{mark}", f"{seconds * 1e3:.0f} ms",
+                f"{x.shape[0] / seconds:.1f} crops/s")
     keras.mixed_precision.set_global_policy("float32")
     model = unet.build_unet(recipe=recipe)
     for policy in policies:
         for jit in paths:
-            seconds = result["window"][policy, jit] = window_seconds(
-                model, device.Compute(jit, policy, "bench"))
-            say(f"instance network, one {WINDOW}x{WINDOW} window, {policy}, {paths[jit]}: "
-                f"{seconds:6.2f} s")
+            seconds = windows[policy, jit] = window_seconds(model,
+                                                            device.Compute(jit, policy, "bench"))
+            mark = " (predict.py's)" if chosen["predict"] == (policy, jit) else ""
+            row("Window", f"instance network, one {WINDOW}x{WINDOW} window, {policy}, "
+                f"{paths[jit]}{mark}", f"{seconds:.2f} s",
+                f"{WINDOW ** 2 / 1e6 / seconds:.1f} MP/s")
     x, y = X[:config.BATCH_SIZE], Y[:config.BATCH_SIZE].astype("float32")
     for jit in paths:
         keras.utils.set_random_seed(config.SEED)
-        seconds = result["notebook"][jit] = time_steps(unet.build_unet(jit=jit), x, y)
-        say(f"notebook step, batch of {len(x)}, float32, metric compiled by XLA, "
-            f"{paths[jit]}: {seconds * 1e3:7.1f} ms")
-    train_path = device.training_compute("auto", True, False)
-    predict_path = device.prediction_compute("auto")
-    result["chosen"] = dict(train=(train_path.policy, train_path.jit is not False),
-                            predict=(predict_path.policy, predict_path.jit is not False))
-    step, fastest = (result["instance"][result["chosen"]["train"]],
-                     min(result["instance"][policies[-1], jit] for jit in paths))
-    say(f"train.py's instance step here: {train_path.describe()}; {step * 1e3:.0f} ms, "
-        f"{step / fastest:.2f}x the faster path in {policies[-1]}")
-    window = result["window"][result["chosen"]["predict"]]
-    say(f"predict.py's network here: {predict_path.describe()}; {window:.2f} s a window, "
-        f"{window / min(result['window'].values()):.2f}x the fastest")
-    return result
+        seconds = time_steps(unet.build_unet(jit=jit), x, y)
+        row("Steps", f"notebook recipe, batch of {len(x)}, float32, metric compiled by XLA, "
+            f"{paths[jit]}", f"{seconds * 1e3:.0f} ms")
+    fastest = min(steps[policies[-1], jit] for jit in paths)
+    say(f"train.py's instance step here: {train_path.describe()}; "
+        f"{steps[chosen['train']] / fastest:.2f}x the faster path in {policies[-1]}")
+    say(f"predict.py's network here: {predict_path.describe()}; "
+        f"{windows[chosen['predict']] / min(windows.values()):.2f}x the fastest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,101 +537,27 @@ def other_cpu_note(seconds, wall):
                    else "")
 
 
-def markdown(train_dir, n_images, results, others):
-    """The results of the sections measured as one Markdown table."""
-    load, metric, bound, training = (results.get(name) for name in SECTIONS[:4])
-    stream, steps = results.get("stream"), results.get("steps")
-    rows = []
-    if load:
-        rows += [
-            ("Loading", "notebook loop (one resize per mask)", f"{load['t_notebook']:.2f} s", "1x"),
-            ("Loading", "`data.load_train`, cold", f"{load['t_cold']:.2f} s",
-             f"{load['t_notebook'] / load['t_cold']:.1f}x"),
-            ("Loading", "`data.load_train`, building the cache", f"{load['t_build']:.2f} s",
-             f"{load['t_notebook'] / load['t_build']:.1f}x"),
-            ("Loading", "`data.load_train`, from the cache", f"{load['t_cached']:.3f} s",
-             f"{load['t_notebook'] / load['t_cached']:.0f}x"),
-            ("Loading", "arrays (X, Y, ids) identical to the notebook loop's",
-             "yes" if load["identical"] else "**NO**", ""),
-        ]
-    if metric:
-        rows += [
-            ("Metric", f"notebook metric, batch of {METRIC_BATCH}", f"{metric['per_slow']:.2f} ms",
-             "1x"),
-            ("Metric", f"`metrics.iou_metric_batch`, batch of {METRIC_BATCH}",
-             f"{metric['per_fast']:.2f} ms", f"{metric['per_slow'] / metric['per_fast']:.1f}x"),
-            ("Metric", f"values identical ({metric['n_batches']} batches, every image)",
-             "yes" if metric["identical"] else "**NO**", ""),
-            ("Metric", f"`metrics.my_iou_metric` (TensorFlow, XLA), batch of {METRIC_BATCH}",
-             f"{metric['per_compiled']:.2f} ms",
-             f"{metric['per_slow'] / metric['per_compiled']:.1f}x"),
-            ("Metric", "its values identical to `metrics.iou_metric_batch`'s "
-             f"({metric['n_batches']} batches)",
-             "yes" if metric["compiled_identical"] else "**NO**", ""),
-        ]
-    if bound:
-        rows += [
-            ("Bound", f"float32 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
-             f"{bound['f32'] / 1e9:.1f} GFLOP/s", ""),
-            ("Bound", f"bfloat16 matmul {MATMUL_N}x{MATMUL_N} (TensorFlow)",
-             f"{bound['bf16'] / 1e9:.1f} GFLOP/s", ""),
-            ("Bound", "U-Net forward FLOPs per image (convolutions)",
-             f"{bound['forward'] / 1e9:.3f} GFLOP", ""),
-            ("Bound", "training FLOPs per image (3 x forward)",
-             f"{bound['train_per_image'] / 1e9:.3f} GFLOP", ""),
-            ("Bound", "compute-bound training speed (float32)", f"{bound['bound']:.1f} images/s",
-             ""),
-        ]
-    if training:
-        rows.append(("Training", "first epoch (includes tracing)", f"{training['first']:.2f} s",
-                     ""))
-    if training and "epoch" in training:
-        rows += [
-            ("Training", "steady-state epoch, with validation",
-             f"{training['epoch']:.2f} s", f"{training['ips_epoch']:.1f} images/s"),
-            ("Training", "steady-state epoch, training part", f"{training['train']:.2f} s",
-             f"{training['ips_train']:.1f} images/s"),
-            ("Training", "training speed / compute bound", f"{training['ratio']:.0%}", ""),
-            ("Training", "fastest steady-state epoch, training part",
-             f"{training['best_train']:.2f} s",
-             f"{training['n_train'] / training['best_train']:.1f} images/s"),
-        ]
-    if stream:
-        rows += [
-            ("Stream", f"instance recipe's crops, {stream['n_train']} training images, one CPU",
-             f"{stream['one_core']:.1f} crops/s" if stream["one_core"] else "not measured", ""),
-            ("Stream", f"the same, all {os.cpu_count()} CPUs",
-             f"{stream['all_cores']:.1f} crops/s",
-             f"{stream['scaling']:.2f}x" if stream["scaling"] else ""),
-        ]
-    if steps:
-        paths = {True: "XLA", False: "plain graph"}
-        for (policy, jit), seconds in steps["instance"].items():
-            chosen = " (train.py's)" if steps["chosen"]["train"] == (policy, jit) else ""
-            rows.append(("Steps", f"instance recipe, batch of {steps['instance_batch']}, "
-                         f"{policy}, {paths[jit]}{chosen}", f"{seconds * 1e3:.0f} ms",
-                         f"{steps['instance_batch'] / seconds:.1f} crops/s"))
-        for jit, seconds in steps["notebook"].items():
-            rows.append(("Steps", f"notebook recipe, batch of {config.BATCH_SIZE}, float32, "
-                         f"{paths[jit]}", f"{seconds * 1e3:.0f} ms", ""))
-        for (policy, jit), seconds in steps["window"].items():
-            chosen = " (predict.py's)" if steps["chosen"]["predict"] == (policy, jit) else ""
-            rows.append(("Window", f"instance network, {WINDOW}x{WINDOW}, {policy}, "
-                         f"{paths[jit]}{chosen}", f"{seconds:.2f} s",
-                         f"{WINDOW ** 2 / 1e6 / seconds:.1f} MP/s"))
-    lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs."]
-    if training:
-        lines[0] += (f" Training: batch size {config.BATCH_SIZE}, {training['n_train']} "
-                     f"training / {training['n_val']} validation images, "
-                     f"{len(training['rows'])} epochs.")
-    lines += [
-        "",
-        "| Part | Measurement | Value | Speed-up / rate |",
-        "|---|---|---:|---:|",
-    ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines += ["", others]
-    return "\n".join(lines)
+def markdown(train_dir, n_images, others):
+    """The rows measured (ROWS) as one Markdown table."""
+    lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs "
+             f"({device_name()}).", "",
+             "| Part | Measurement | Value | Speed-up / rate |", "|---|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ROWS]
+    return "\n".join(lines + ["", others])
+
+
+def device_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and its bfloat16 and AVX-512 flags, as /proc/cpuinfo gives them."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return "CPU unknown"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "CPU unknown")
+    flags = set(text.split())
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model}, {' '.join(shown) or 'no AVX2'}"
 
 
 def make_mosaic(test_dir, path, size):
@@ -688,34 +624,31 @@ def main(argv=None):
     if args.epochs < 1:
         sys.exit("error: --epochs must be at least 1")
     others, start = OtherCPU(), time.perf_counter()
-    sections, results = set(args.sections), {}
+    sections, checks = set(args.sections), []
     try:
         if "loading" in sections:
-            results["loading"] = bench_loading(args.train_dir)
-            X, Y, ids = (results["loading"][name] for name in ("X", "Y", "ids"))
+            loading = bench_loading(args.train_dir)
+            X, Y, ids = loading["X"], loading["Y"], loading["ids"]
+            checks.append(loading["identical"])
         else:
             X, Y, ids = quiet_load(args.train_dir, config.CACHE_DIR)
         if "metric" in sections:
-            results["metric"] = bench_metric(Y)
+            metric = bench_metric(Y)
+            checks += [metric["identical"], metric["compiled_identical"]]
         if "bound" in sections or "training" in sections:
-            results["bound"] = bench_bound()
+            bound = bench_bound()["bound"]
         if "training" in sections:
-            training = bench_training(X, Y, args.train_dir, args.epochs,
-                                      results["bound"]["bound"])
-            results["training"] = training
-            say(other_cpu_note(training["others"], sum(r[0] for r in training["rows"]))
-                + " (training)")
+            bench_training(X, Y, args.train_dir, args.epochs, bound)
         if "stream" in sections or "steps" in sections:  # the steps train on its batch
-            results["stream"], instance_batch = bench_stream(args.train_dir)
+            instance_batch = bench_stream(args.train_dir)
         if "steps" in sections:
-            results["steps"] = bench_steps(X, Y, instance_batch)
+            bench_steps(X, Y, instance_batch)
     except files.InputError as error:
         sys.exit(f"error: {error}")
     note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"
     say()
-    say(markdown(args.train_dir, len(ids), results, note))
-    if not all(results[name][key] for name, key in (("loading", "identical"),
-               ("metric", "identical"), ("metric", "compiled_identical")) if name in results):
+    say(markdown(args.train_dir, len(ids), note))
+    if not all(checks):
         sys.exit("error: the fast loader or a metric differs from the notebook's")
 
 
