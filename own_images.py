@@ -6,6 +6,7 @@ the fingerprint of what made it (the model file and the settings), so that a rer
 what the same model and settings made. The two tables are rebuilt once at the start from the
 images done, then appended image by image (a kill between two images leaves them whole; a
 kill inside a write is repaired by the next run's rebuild)."""
+import contextlib
 import hashlib
 import json
 import time
@@ -244,19 +245,20 @@ def segment_task(path, name, options, scale, made_by, predictor_args):
 
 
 def cluster_client(args):
-    """A Dask client: of the scheduler at --scheduler, or of a LocalCluster of --workers worker
-    processes, one thread each (TensorFlow gets the cores' share of each)."""
+    """(client, cluster): a Dask client of the scheduler at --scheduler (cluster None), or of a
+    LocalCluster of --workers worker processes, one thread each (TensorFlow gets the cores'
+    share of each), which closes with the client."""
     from distributed import Client, LocalCluster
 
     if args.scheduler:
         try:
-            return Client(args.scheduler, timeout="30s")
+            return Client(args.scheduler, timeout="30s"), None
         except OSError as error:
             raise files.InputError(f"--scheduler {args.scheduler}: cannot connect "
                                    f"({error})") from None
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                            dashboard_address=None)
-    return Client(cluster)
+    return Client(cluster), cluster
 
 
 def cluster_results(args, recipe, scale, made_by):
@@ -271,10 +273,12 @@ def cluster_results(args, recipe, scale, made_by):
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None
     predictor_args = (args.model_path.resolve(), recipe, args.jit, args.precision, threads)
 
+    client, cluster = cluster_client(args)  # a scheduler that does not answer stops it here
+
     def results(todo):
         from distributed import as_completed
 
-        with cluster_client(args) as client:
+        with cluster or contextlib.nullcontext(), client:
             futures = [client.submit(segment_task, path.resolve(), name, options, scale,
                                      made_by, predictor_args, key=f"segment-{made_by}-{name}",
                                      retries=3)
