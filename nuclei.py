@@ -179,8 +179,8 @@ class Network:
     TensorFlow's plain graph, float32 or bfloat16 (a copy of the model with the layers computing
     in bfloat16, the output layer in float32, as train.py's mixed precision; the copy takes the
     weights when the Network is made). Keras's eager call keeps every layer's output until it
-    returns, which made a 1280x1280 window cost 1.75 GB against 0.7 GB compiled
-    (docs/own_images.md). Nothing here outlives the Network: a dropped model is freed."""
+    returns; a tf.function frees them as it goes. Nothing here outlives the Network: a dropped
+    model is freed."""
 
     def __init__(self, model, compute=None):
         import tensorflow as tf
