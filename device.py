@@ -1,12 +1,12 @@
 """How the network computes where it runs: its precision, and whether XLA compiles it.
 
 XLA's CPU backend does not use oneDNN's AVX-512 BF16 and AMX kernels, so on a CPU that has them
-TensorFlow's plain graph is the faster path, by far; on an AVX2-only CPU XLA is. Measured
-(docs/performance.md, `python bench.py --sections steps`), the instance recipe's training step:
-- AMD EPYC with AVX-512 BF16: 487 ms plain against 1295 ms XLA in bfloat16, 842 against 1229 ms
-  in float32;
-- Intel Sapphire Rapids (AMX): 531 against 1669 ms in bfloat16;
-- AMD EPYC with AVX2 only, float32: 3.9 s plain against 2.6 s XLA.
+TensorFlow's plain graph is the faster path, by far; on an AVX2-only CPU XLA is. The instance
+recipe's training step of 8 crops of 256x256 (docs/performance.md has the commands):
+- AMD EPYC with AVX-512 BF16: 505 ms plain against 1278 ms XLA in bfloat16, 911 against 1292 ms
+  in float32 (`bench.py --sections steps`, 2026-12-06);
+- Intel Sapphire Rapids (AMX): 531 against 1669 ms in bfloat16 (issue 23's report);
+- AMD EPYC with AVX2 only, float32: 3.9 s plain against 2.6 s XLA (an earlier session's).
 Kinds not measured (an AVX-512 CPU without BF16, Arm) keep XLA, the path they had.
 """
 from dataclasses import dataclass
@@ -79,7 +79,7 @@ def training_compute(setting, mixed, notebook):
 
 def prediction_compute(setting, precision="auto"):
     """The prediction path: `precision` auto is bfloat16 on a CPU that computes it natively
-    (docs/performance.md: the same scores within 0.002, a third of float32's time), float32
+    (docs/performance.md: the same scores within 0.001, 0.6 times float32's time), float32
     elsewhere; float32 or bfloat16 force it."""
     gpu, bfloat16 = has_gpu(), cpu_has_bfloat16()
     jit, why = choose_jit(setting, gpu, bfloat16)
