@@ -130,7 +130,8 @@ def parse_args(argv):
                      help="segment on the workers of a running Dask scheduler (e.g. "
                           "tcp://host:8786); --out-dir must be visible to them")
     own.add_argument("--overwrite", action="store_true",
-                     help="redo images whose outputs exist (by default a rerun skips them)")
+                     help="redo every image (by default a rerun skips the images this model and "
+                          "these settings made)")
     args = parser.parse_args(argv)
     if args.workers and args.scheduler:
         parser.error("--workers and --scheduler: choose one")
