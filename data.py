@@ -316,20 +316,18 @@ def load_native(folder, ids, with_labels=True):
 INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3}
 
 
-def native_input(image, recipe, channels=False):
+def native_input(image, recipe):
     """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
     background is bright (bright-field, histology) so that nuclei are bright on dark as in
     fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1. `grey_native`
-    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm).
-    With `channels`, a `grey_native` input comes as its three channels, each scaled as the grey
-    is (their mean is the grey input), for training_crop's stain augmentation to mix."""
+    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
     x = image.astype(np.float32)
     if image_kind(image) != "fluorescence":
         x = 255 - x
     grey = x.mean(axis=2, keepdims=True)
-    if recipe["input"] == "grey_native" and not channels:
+    if recipe["input"] == "grey_native":
         x = grey
-    low, high = np.percentile(grey if recipe["input"] == "grey_native" else x, (1, 99.8))
+    low, high = np.percentile(x, (1, 99.8))
     return ((x - low) / max(high - low, 1e-3)).astype(np.float32)
 
 

@@ -136,8 +136,7 @@ def load_instance_data(args, recipe):
     split = data.split_index(len(ids), args.train_dir)
     images, labels = data.load_native(args.train_dir, ids)
     train = [n for n in range(split) if not data.held_out(images[n], recipe)]
-    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"] and n < split)
-              for n, image in enumerate(images)]
+    inputs = [data.native_input(image, recipe) for image in images]
     kinds = [data.image_kind(images[n]) for n in train]
     pairs = [crops.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
@@ -234,9 +233,10 @@ def check_existing_model(model_path, recipe):
     import checkpoints
 
     saved = checkpoints.read_recipe(model_path)
-    differ = [f"{key}={json.dumps(saved.get(key))} there, {json.dumps(value)} here"
-              for key, value in recipe.items()
-              if key not in config.POST_SETTINGS and saved.get(key) != value]
+    there = {**config.RETIRED_SETTINGS, **saved}
+    differ = [f"{key}={json.dumps(there.get(key))} there, {json.dumps(value)} here"
+              for key, value in {**config.RETIRED_SETTINGS, **recipe}.items()
+              if key not in config.POST_SETTINGS and there.get(key) != value]
     if differ:
         raise files.InputError(f"{model_path}: trained with other settings ({'; '.join(differ)}); "
                                "choose another --model-path or move it")
@@ -299,14 +299,18 @@ def set_up(args, recipe):
 
 
 def make_callbacks(model_path, recipe, best, slim, training, initial_epoch):
-    """The run's callbacks: the NaN guard, early stopping, the best checkpoint, the run's
-    record and the backup for --resume."""
+    """The run's callbacks: the NaN guard, early stopping (of constant-rate runs), the best
+    checkpoint, the run's record and the backup for --resume."""
     import keras
 
     import checkpoints
 
     checkpoint = checkpoints.BestCheckpoint(model_path, best, recipe, slim, training)
-    early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe["patience"],
+    # A cosine schedule settles in its last epochs, at its lowest learning rates: it runs to its
+    # end (the best checkpoint keeps the best epoch); patience stops constant-rate runs.
+    patience = (training["epochs"] if recipe.get("lr_schedule") == "cosine"
+                else recipe["patience"])
+    early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
                                                    verbose=1, restore_best_weights=True)
     record = checkpoints.RunRecord(history_paths(model_path)[0], backup_dir(model_path),
                                    checkpoint, early_stopping, initial_epoch)

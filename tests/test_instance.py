@@ -2,6 +2,7 @@
 and a tiny run end to end."""
 import io
 import json
+import math
 import zipfile
 
 import h5py
@@ -224,6 +225,14 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
                     "--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
     assert str(stop.value) == (f"error: {model_path}: trained with other settings (augment=true "
                                "there, false here); choose another --model-path or move it")
+    # A model trained with an augmentation this code no longer has is not continued without it.
+    retired = tmp_path / "retired.keras"
+    retired.write_bytes(model_path.read_bytes())
+    checkpoints.write_recipe(retired, {**recipe, "stain_augment": True})
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--recipe", "instance", "--set", "crop=64", "--model-path", str(retired),
+                    "--train-dir", str(SAMPLE_TRAIN)])
+    assert "(stain_augment=true there, false here)" in str(stop.value)
 
     out_dir = tmp_path / "out"
     capsys.readouterr()
@@ -292,3 +301,19 @@ def test_epochs_and_batch_size_below_one_are_refused(tmp_path, capsys):
             train.main([flag, "0", "--model-path", str(tmp_path / "m.keras")])
         assert stop.value.code == 2
         assert f"argument {flag}: 0 is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_a_cosine_run_goes_to_the_end_of_its_schedule(tmp_path):
+    """EarlyStopping's patience: the run's length under a cosine schedule (it never stops
+    early), the recipe's patience at a constant learning rate."""
+    import keras
+
+    def patience(recipe, epochs):
+        _, _, callbacks = train.make_callbacks(tmp_path / "m.keras", recipe, math.inf, None,
+                                               {"epochs": epochs}, 0)
+        stopping, = (c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+        return stopping.patience
+
+    assert patience(INSTANCE, 80) == 80 and patience(INSTANCE, 40) == 40
+    assert patience({**INSTANCE, "lr_schedule": "constant"}, 80) == INSTANCE["patience"] == 10
+    assert patience(config.RECIPES["notebook"], 10) == config.PATIENCE == 5
