@@ -172,8 +172,13 @@ NUCLEUS_DIAMETER = 20
 TILE = 1024
 TILE_MARGIN = 128
 
-# Images larger than this are refused as decompression bombs; DSB2018's largest is 1040x1388.
+# Images larger than this are read block by block when they are TIFFs (blocks.py), and refused
+# as decompression bombs in other formats; DSB2018's largest is 1040x1388.
 MAX_IMAGE_PIXELS = 64_000_000
+# Blocks of images read block by block (a multiple of TILE), and the pixels around each block
+# segmented with it, so that a clump of nuclei up to this wide is whole in one block.
+BLOCK = 4096
+BLOCK_OVERLAP = 256
 
 
 def recipe_with(recipe, settings, allowed=None):

@@ -316,18 +316,37 @@ def load_native(folder, ids, with_labels=True):
 INPUT_CHANNELS = {"rgb_128": 3, "grey_native": 1, "rgb_native": 3}
 
 
-def native_input(image, recipe):
+def input_scaling(image, recipe):
+    """native_input's scaling of an image (H, W, 3): whether it is inverted (a bright
+    background) and the 1st and 99.8th percentiles of the input, which become 0 and 1."""
+    return _oriented_and_scaling(image, recipe)[1]
+
+
+def _oriented_and_scaling(image, recipe):
+    invert = image_kind(image) != "fluorescence"
+    x = _oriented(image, recipe, invert)
+    low, high = np.percentile(x, (1, 99.8))
+    return x, (invert, low, high)
+
+
+def _oriented(image, recipe, invert):
+    x = image.astype(np.float32)
+    if invert:
+        x = 255 - x
+    return x.mean(axis=2, keepdims=True) if recipe["input"] == "grey_native" else x
+
+
+def native_input(image, recipe, scaling=None):
     """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
     background is bright (bright-field, histology) so that nuclei are bright on dark as in
-    fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1. `grey_native`
-    averages the channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
-    x = image.astype(np.float32)
-    if image_kind(image) != "fluorescence":
-        x = 255 - x
-    grey = x.mean(axis=2, keepdims=True)
-    if recipe["input"] == "grey_native":
-        x = grey
-    low, high = np.percentile(x, (1, 99.8))
+    fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1 (input_scaling;
+    or the `scaling` given, the whole image's for a block of it). `grey_native` averages the
+    channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
+    if scaling is None:
+        x, scaling = _oriented_and_scaling(image, recipe)
+    else:
+        x = _oriented(image, recipe, scaling[0])
+    _, low, high = scaling
     return ((x - low) / max(high - low, 1e-3)).astype(np.float32)
 
 

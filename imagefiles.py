@@ -114,16 +114,29 @@ def _read_tiff(path, channel):
     return array, bool(planes)
 
 
-def scaled_image(pixels):
+def intensity_range(pixels, step=None):
+    """scaled_image's (low, high) of an image that is not 8-bit: its 0.1st and 99.9th
+    percentiles, computed on an evenly thinned copy of about a million pixels (every `step`-th
+    pixel; blocks.read_statistics takes the same copy, block by block)."""
+    step = step or thinning_step(pixels.shape[0], pixels.shape[1])
+    return tuple(np.percentile(pixels[::step, ::step].astype(np.float32), (0.1, 99.9)))
+
+
+def thinning_step(height, width):
+    """The step of the evenly thinned copy of about a million pixels that image statistics
+    come from."""
+    return max(1, int((height * width / 1e6) ** 0.5))
+
+
+def scaled_image(pixels, value_range=None):
     """Any image's pixels as float32 (H, W, 3) on the 0..255 scale that image_kind and
     native_input expect: 8-bit as it is; any other type mapped linearly so that the whole
-    image's 0.1st and 99.9th percentiles are 0 and 255 (never per tile, never by dividing 16 bits
-    by 255, not clipped: native_input scales again), computed on an evenly thinned copy of
-    about a million pixels."""
+    image's intensity_range (or the `value_range` given, the whole image's for a block of it)
+    becomes 0..255 (never per tile, never by dividing 16 bits by 255, not clipped: native_input
+    scales again)."""
     x = pixels.astype(np.float32)
     if pixels.dtype != np.uint8:
-        step = max(1, int((x.shape[0] * x.shape[1] / 1e6) ** 0.5))
-        low, high = np.percentile(x[::step, ::step], (0.1, 99.9))
+        low, high = value_range or intensity_range(pixels)
         x -= low
         if high > low:  # a constant image stays 0
             x *= 255 / (high - low)

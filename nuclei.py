@@ -239,29 +239,52 @@ def predict_full(network, x, tta):
 
 def predict_tiled(network, x, tta, tile=config.TILE, margin=config.TILE_MARGIN):
     """predict_full's probabilities with memory bounded by the tile, not the image: an image
-    over config.WHOLE_PIXELS is cut into tile x tile squares, each predicted with `margin`
-    pixels of the image around it (the network's receptive field reaches 122 pixels, so the
-    kept square sees what it would see in the whole image) and pasted into one map. Every
-    window starts at a multiple of 16, so that the poolings fall on the same pixels as in the
-    whole image."""
+    over config.WHOLE_PIXELS is cut into tile x tile squares (tile_windows), each predicted
+    with `margin` pixels of the image around it and pasted into one map."""
     height, width = x.shape[:2]
     if height * width <= config.WHOLE_PIXELS:
         return predict_full(network, x, tta)
-    assert tile % 16 == 0 and margin % 16 == 0, "tiles must keep the 16-pixel pooling grid"
-    padded_height, padded_width = _multiple_of_16(height), _multiple_of_16(width)
-    padded = data.pad_to(x, padded_height, padded_width)
+    padded = data.pad_to(x, _multiple_of_16(height), _multiple_of_16(width))
     probabilities = np.zeros((height, width, network.outputs), dtype=np.float32)
-    for top in range(0, padded_height, tile):
-        for left in range(0, padded_width, tile):
-            window_top, window_left = max(top - margin, 0), max(left - margin, 0)
-            window = padded[window_top:min(top + tile + margin, padded_height),
-                            window_left:min(left + tile + margin, padded_width)]
-            out = predict_window(network, window, tta)
-            bottom, right = min(top + tile, height), min(left + tile, width)
-            if bottom > top and right > left:
-                probabilities[top:bottom, left:right] = out[top - window_top:bottom - window_top,
-                                                            left - window_left:right - window_left]
+    predict_tiles(network, padded, (0, 0), probabilities, (0, 0, height, width), tta, tile,
+                  margin, (height, width))
     return probabilities
+
+
+def tile_windows(core, shape, tile, margin):
+    """The tiles of `core` (top, left, bottom, right, its corners multiples of `tile`) of an
+    image of `shape` (H, W): [(tile square, its window)], each (top, left, bottom, right),
+    the square cut at the image's end, the window the square with `margin` pixels around it
+    (the network's receptive field reaches 122 pixels, so the square sees what it would see in
+    the whole image) within the image padded to a multiple of 16. Every window starts at a
+    multiple of 16, so that the poolings fall on the same pixels as in the whole image; a
+    block's tiles are the whole image's."""
+    assert tile % 16 == 0 and margin % 16 == 0, "tiles must keep the 16-pixel pooling grid"
+    padded_height, padded_width = _multiple_of_16(shape[0]), _multiple_of_16(shape[1])
+    top0, left0, bottom0, right0 = core
+    tiles = []
+    for top in range(top0, min(bottom0, padded_height), tile):
+        for left in range(left0, min(right0, padded_width), tile):
+            square = (top, left, min(top + tile, shape[0]), min(left + tile, shape[1]))
+            window = (max(top - margin, 0), max(left - margin, 0),
+                      min(top + tile + margin, padded_height),
+                      min(left + tile + margin, padded_width))
+            if square[2] > top and square[3] > left:
+                tiles.append((square, window))
+    return tiles
+
+
+def predict_tiles(network, padded, origin, out, core, tta, tile, margin, shape):
+    """The probabilities of the tiles of `core` of an image of `shape` into `out`, whose
+    corner is the core's; `padded` holds the padded image's pixels from `origin` (row, col)
+    on, at least the core's tiles' windows."""
+    for (top, left, bottom, right), (w_top, w_left, w_bottom, w_right) in tile_windows(
+            core, shape, tile, margin):
+        window = padded[w_top - origin[0]:w_bottom - origin[0],
+                        w_left - origin[1]:w_right - origin[1]]
+        prob = predict_window(network, window, tta)
+        out[top - core[0]:bottom - core[0], left - core[1]:right - core[1]] = \
+            prob[top - w_top:bottom - w_top, left - w_left:right - w_left]
 
 
 def nuclei_labels(prob, shape, recipe):
@@ -347,11 +370,12 @@ MEASUREMENTS = {
 LENGTHS = ("x", "y", "perimeter", "equivalent_diameter", "major_axis", "minor_axis")
 
 
-def measure(labels, pixels, pixel_size=None):
+def measure(labels, pixels, pixel_size=None, origin=(0, 0), shape=None):
     """A table of the nuclei of a label image: one row each, with its shape, its mean and
     maximum intensity in the original pixel values (per colour channel for RGB), whether it
     touches the image's border (its shape is then cut), and with `pixel_size` (microns per
-    pixel) lengths in microns and areas in square microns too."""
+    pixel) lengths in microns and areas in square microns too. For a block of an image, its
+    corner (`origin`, row and column) and the image's `shape`."""
     import pandas as pd
     from skimage.measure import regionprops_table
 
@@ -365,10 +389,13 @@ def measure(labels, pixels, pixel_size=None):
         for n, suffix in enumerate(channels):
             source = f"intensity_{kind}" + ("" if pixels.ndim == 2 else f"-{n}")
             columns[source] = f"{kind}_intensity{suffix}"
-    height, width = labels.shape
-    touches = ((table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height)
-               | (table["bbox-3"] == width))
+    top, left = origin
+    height, width = shape or labels.shape
+    touches = ((table["bbox-0"] + top == 0) | (table["bbox-1"] + left == 0)
+               | (table["bbox-2"] + top == height) | (table["bbox-3"] + left == width))
     table = table.rename(columns=columns)[list(columns.values())]
+    table["x"] += left
+    table["y"] += top
     table["touches_border"] = touches
     if pixel_size:
         for name in LENGTHS:

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+import blocks
 import files
 import imagefiles
 import nuclei
@@ -23,17 +24,15 @@ TABLES = ("nuclei.csv", "images.csv")
 
 
 def image_files(paths, recursive):
-    """[(path, output name)] of the images to segment: files as given, and each folder's image
-    files (imagefiles.IMAGE_SUFFIXES, hidden ones left out), sorted; a name is the path below its
-    folder with "__" for each "/". Other files in a folder are named in a warning."""
+    """[(path, output name)] of the images to segment: files and zarr folders as given, and each
+    folder's image files (imagefiles.IMAGE_SUFFIXES) and zarr folders, hidden ones left out,
+    sorted; a name is the path below its folder with "__" for each "/". Other files in a folder
+    are named in a warning."""
     found = []
     for path in paths:
-        if path.is_dir():
-            members = sorted(p for p in path.glob("**/*" if recursive else "*")
-                             if p.is_file() and not any(part.startswith(".")
-                                                        for part in p.relative_to(path).parts))
-            for member in members:
-                if member.suffix.lower() in imagefiles.IMAGE_SUFFIXES:
+        if path.is_dir() and path.suffix.lower() != blocks.ZARR_SUFFIX:
+            for member in sorted(_members(path, recursive)):
+                if member.suffix.lower() in (*imagefiles.IMAGE_SUFFIXES, blocks.ZARR_SUFFIX):
                     name = member.relative_to(path).with_suffix("").as_posix().replace("/", "__")
                     found.append((member, name))
                 else:
@@ -45,7 +44,7 @@ def image_files(paths, recursive):
             raise files.InputError(f"{path}: no such file or folder (--images)")
     if not found:
         raise files.InputError(f"{', '.join(map(str, paths))}: no images in it (--images reads "
-                               f"{', '.join(imagefiles.IMAGE_SUFFIXES)})")
+                               f"{', '.join(imagefiles.IMAGE_SUFFIXES)} files and zarr folders)")
     first = {}
     for path, name in found:
         if name in first:
@@ -55,10 +54,24 @@ def image_files(paths, recursive):
     return found
 
 
+def _members(folder, recursive):
+    """A folder's files and zarr folders (not what is inside them), and with `recursive` its
+    sub-folders', hidden ones left out."""
+    for member in folder.iterdir():
+        if member.name.startswith("."):
+            continue
+        if member.is_dir() and member.suffix.lower() != blocks.ZARR_SUFFIX:
+            if recursive:
+                yield from _members(member, recursive)
+        elif member.is_dir() or member.is_file():
+            yield member
+
+
 def image_outputs(out_dir, name):
     """An image's output files; its summary (the last one written) marks it done."""
     return {"labels": out_dir / "labels" / f"{name}.tif",
             "overlay": out_dir / "overlays" / f"{name}.png",
+            "zarr": out_dir / "labels" / f"{name}{blocks.ZARR_SUFFIX}",
             "nuclei": out_dir / "measurements" / f"{name}.csv",
             "summary": out_dir / "measurements" / f"{name}.json"}
 
@@ -71,7 +84,8 @@ def fingerprint(model_path, recipe, args):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     settings = {"model": digest.hexdigest(), "recipe": recipe, "channel": args.channel,
-                "diameter": args.diameter, "pixel_size": args.pixel_size}
+                "diameter": args.diameter, "pixel_size": args.pixel_size,
+                "block_size": args.block_size}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -83,33 +97,46 @@ def is_done(outputs, made_by):
         return False
 
 
-def segment_one(predictor, path, name, out_dir, scale, args, made_by):
+def segment_one(predictor, path, name, out_dir, scale, args, made_by, mapper=blocks.local_map,
+                get_predictor=None):
     """One image's label image, overlay, table and summary, written; returns (summary, table).
-    An InputError (an unreadable file) is raised before anything is written."""
+    An image too large for memory goes block by block (blocks.segment_large, its blocks mapped
+    by `mapper` with the Predictor `get_predictor` gives), its labels also as zarr. An
+    InputError (an unreadable file) is raised before anything is written."""
     import tifffile
     from PIL import Image
 
     began = time.perf_counter()
     outputs = image_outputs(out_dir, name)
-    pixels = imagefiles.read_pixels(path, args.channel)
-    image = imagefiles.scaled_image(pixels)
-    labels = predictor.nuclei([image], scale)[0]
-    count = int(labels.max())
-    labels = labels.astype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
-    files.write_atomic(outputs["labels"], lambda tmp: tifffile.imwrite(
-        tmp, labels, compression="zlib"))
+    summary = {"image": name, "file": str(path)}
+    if blocks.is_block_wise(path):
+        shape, count, table, cut, image, labels = blocks.segment_large(
+            get_predictor or (lambda: predictor), predictor.recipe, path, outputs, args, mapper,
+            block=args.block_size)
+        summary.update(labels_zarr=outputs["zarr"].relative_to(out_dir).as_posix(),
+                       clumps_cut=cut)
+        if cut:
+            warnings.warn(f"{path}: {cut} clump{'s' if cut > 1 else ''} of nuclei wider than "
+                          f"the block overlap cut at its edge")
+    else:
+        pixels = imagefiles.read_pixels(path, args.channel)
+        image = imagefiles.scaled_image(pixels)
+        labels = predictor.nuclei([image], scale)[0]
+        shape, count = labels.shape, int(labels.max())
+        labels = labels.astype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
+        files.write_atomic(outputs["labels"], lambda tmp: tifffile.imwrite(
+            tmp, labels, compression="zlib"))
+        table = nuclei.measure(labels, pixels, args.pixel_size)
     picture = Image.fromarray(pictures.overlay(imagefiles.display_image(image), labels))
     files.write_atomic(outputs["overlay"], lambda tmp: picture.save(tmp, format="PNG"))
-    table = nuclei.measure(labels, pixels, args.pixel_size)
     table.insert(0, "image", name)
     files.write_atomic(outputs["nuclei"], lambda tmp: table.to_csv(tmp, index=False))
     areas = table["area"]
-    summary = {"image": name, "file": str(path), "height": labels.shape[0],
-               "width": labels.shape[1], "nuclei": count,
-               "mean_area": float(areas.mean()) if count else None,
-               "median_area": float(areas.median()) if count else None,
-               "covered": float(np.count_nonzero(labels) / labels.size),
-               "seconds": round(time.perf_counter() - began, 2)}
+    summary.update({"height": shape[0], "width": shape[1], "nuclei": count,
+                    "mean_area": float(areas.mean()) if count else None,
+                    "median_area": float(areas.median()) if count else None,
+                    "covered": float(areas.sum() / (shape[0] * shape[1])),
+                    "seconds": round(time.perf_counter() - began, 2)})
     if args.pixel_size:
         summary["mean_area_um2"] = summary["mean_area"] * args.pixel_size ** 2 if count else None
     summary["fingerprint"] = made_by
@@ -237,9 +264,13 @@ def worker_predictor(model_path, recipe, jit, precision, threads):
 def segment_task(path, name, options, scale, made_by, predictor_args):
     """One image on a Dask worker: segment_one's (summary, table), or the one-line reason it
     could not be read (not an exception, which Dask would retry)."""
+    import functools
+
     predictor = worker_predictor(*predictor_args)
     try:
-        return segment_one(predictor, path, name, options.out_dir, scale, options, made_by)
+        return segment_one(predictor, path, name, options.out_dir, scale, options, made_by,
+                           blocks.cluster_map,
+                           functools.partial(worker_predictor, *predictor_args))
     except files.InputError as error:
         return str(error)
 
@@ -269,7 +300,8 @@ def cluster_results(args, recipe, scale, made_by):
     import os
 
     options = argparse.Namespace(out_dir=args.out_dir.resolve(), channel=args.channel,
-                                 pixel_size=args.pixel_size)
+                                 pixel_size=args.pixel_size, diameter=args.diameter,
+                                 block_size=args.block_size)
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None
     predictor_args = (args.model_path.resolve(), recipe, args.jit, args.precision, threads)
 

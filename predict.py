@@ -56,6 +56,15 @@ def natural(text):
     return value
 
 
+def block_size(text):
+    value = int(text)
+    if value < 64 or value % 16 or (value > config.TILE and value % config.TILE):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a block size: a multiple of 16 from 64 to {config.TILE}, or of "
+            f"{config.TILE} above it")
+    return value
+
+
 def default_model():
     """The model trained here when there is one, else the one shipped with the project."""
     if not config.MODEL_PATH.exists() and config.SHIPPED_MODEL.is_file():
@@ -123,6 +132,10 @@ def parse_args(argv):
                           f"images' median), and the nuclei back")
     own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
                      help="microns per pixel: measurements in microns too")
+    own.add_argument("--block-size", type=block_size, default=config.BLOCK, metavar="PIXELS",
+                     help="zarr folders, pyramidal TIFFs and TIFFs over "
+                          f"{config.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are segmented in "
+                          "blocks of this size (memory per process grows with its square)")
     own.add_argument("--workers", type=positive_int, metavar="N",
                      help="segment on a Dask LocalCluster of N worker processes, each loading "
                           "the model once and using its share of the cores")

@@ -21,12 +21,20 @@ def folder_of_images(folder):
     (folder / "cut.png").write_bytes((folder / "0.png").read_bytes()[:100])
 
 
-def same_outputs(a, b):
-    """The same label files byte for byte, and the same table rows (arrival order aside)."""
+def same_outputs(a, b, images=4):
+    """The same label files byte for byte (zarr arrays value for value), and the same table
+    rows (arrival order aside)."""
     names = sorted(p.name for p in (a / "labels").iterdir())
-    assert names == sorted(p.name for p in (b / "labels").iterdir()) and len(names) == 4
+    assert names == sorted(p.name for p in (b / "labels").iterdir())
+    assert len([n for n in names if n.endswith(".tif")]) == images
     for name in names:
-        assert (a / "labels" / name).read_bytes() == (b / "labels" / name).read_bytes()
+        if name.endswith(".zarr"):
+            import zarr
+
+            assert np.array_equal(zarr.open(a / "labels" / name)[:],
+                                  zarr.open(b / "labels" / name)[:])
+        else:
+            assert (a / "labels" / name).read_bytes() == (b / "labels" / name).read_bytes()
     for table, key in (("nuclei.csv", ["image", "label"]), ("images.csv", ["image"])):
         x, y = (pd.read_csv(folder / table).drop(columns=["seconds"], errors="ignore")
                 .sort_values(key).reset_index(drop=True) for folder in (a, b))
@@ -34,15 +42,21 @@ def same_outputs(a, b):
 
 
 def test_a_local_cluster_gives_the_single_process_outputs(tmp_path, threshold_model, capsys):
+    """Four PNGs, a cut one, and a zarr image of 12 blocks (its blocks spread over the
+    workers)."""
+    from tests.test_blocks import discs_16bit, write_zarr
+
     folder_of_images(tmp_path / "in")
-    assert run(threshold_model, [tmp_path / "in"], "--out-dir", tmp_path / "one") == 1
+    write_zarr(tmp_path / "in" / "large.zarr", discs_16bit())
+    assert run(threshold_model, [tmp_path / "in"], "--out-dir", tmp_path / "one",
+               "--block-size", "128") == 1
     capsys.readouterr()
     assert run(threshold_model, [tmp_path / "in"], "--out-dir", tmp_path / "two",
-               "--workers", "2") == 1
+               "--workers", "2", "--block-size", "128") == 1
     printed = capsys.readouterr()
     assert printed.err.count(": not a readable image") == 1 and "Traceback" not in printed.err
-    assert "Segmented 4 images (16 nuclei)" in printed.out and "1 skipped" in printed.out
-    same_outputs(tmp_path / "one", tmp_path / "two")
+    assert "Segmented 5 images (24 nuclei)" in printed.out and "1 skipped" in printed.out
+    same_outputs(tmp_path / "one", tmp_path / "two", images=5)
 
 
 class KillFirstTask(distributed.WorkerPlugin):
