@@ -19,7 +19,8 @@ In one run:
 6. steps: training steps alone on fixed tensors, each compiled both ways (XLA and TensorFlow's
    plain graph): the instance recipe's (a batch of the stream) in float32 and, where the CPU has
    it, bfloat16, and the notebook recipe's; and the instance network on one 1024x1024 window as
-   predict.py runs it, both ways in both precisions; with the path device.py chooses here.
+   predict.py runs it, both ways in both precisions; with the path device.py chooses here
+   (sections 5 and 6, and the own image below, are in bench_instance.py).
 
 python bench.py --sections stream steps    # only these (the notebook arrays from the cache)
 
@@ -38,7 +39,6 @@ import argparse
 import contextlib
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,24 +46,17 @@ from pathlib import Path
 
 import numpy as np
 
+import bench_instance
 import config
 import data
 import files
-import imagefiles
 import train
+from bench_instance import say, timed
 
 # Matmul size for the compute bound: large enough to run at the machine's peak.
 MATMUL_N = 4096
 MATMUL_REPEATS = 5
 METRIC_BATCH = 16
-# The stream's batches timed after its warm-up batches (tracing, XLA's compilation, starting
-# the threads), and the training steps timed.
-STREAM_BATCHES = 150
-STREAM_WARM_UP = 10
-STEPS = 10
-# The prediction window timed, and its repeats.
-WINDOW = 1024
-WINDOW_REPEATS = 4
 SECTIONS = ("loading", "metric", "bound", "training", "stream", "steps")
 
 
@@ -91,10 +84,6 @@ def parse_args(argv):
     parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
                         help="the images of --make-mosaic")
     return parser.parse_args(argv)
-
-
-def say(text=""):
-    print(text, flush=True)
 
 
 # The Markdown table's rows, (part, measurement, value, rate), in the order they are measured.
@@ -130,12 +119,6 @@ class OtherCPU:
         return None if now is None or self.start is None else max(now - self.start, 0.0)
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
 def quiet_load(train_dir, cache_dir):
     """data.load_train with its status line kept off stdout (its progress bar is on stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
@@ -147,7 +130,7 @@ def quiet_load(train_dir, cache_dir):
 
 
 def bench_loading(train_dir):
-    from tests import reference
+    import notebook_reference as reference
 
     say("== 1. Loading " + "=" * 70)
     (Xn, Yn, idn), t_notebook = timed(reference.load_train_notebook, str(train_dir))
@@ -218,7 +201,7 @@ def bench_metric(Y):
     import tensorflow as tf
 
     import metrics
-    from tests import reference
+    import notebook_reference as reference
 
     say("== 2. Metric " + "=" * 71)
     n_batches = len(Y) // METRIC_BATCH
@@ -396,136 +379,6 @@ def bench_training(X, Y, train_dir, epochs, bound):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The instance recipe's training stream
-
-
-def stream_rate(train_dir, batches=STREAM_BATCHES):
-    """train.py's instance-recipe stream alone, as train.py builds it: crops a second after
-    its warm-up batches (tracing, XLA's compilation, starting the threads), the number of
-    training images, and the first batch."""
-    import argparse as arguments
-
-    recipe = config.RECIPES["instance"]
-    with contextlib.redirect_stdout(sys.stderr):
-        stream, n_train, _, _ = train.load_instance_data(
-            arguments.Namespace(train_dir=train_dir, seed=config.SEED), recipe)
-    batches_of = iter(stream(recipe["batch_size"]))
-    first = [next(batches_of) for _ in range(STREAM_WARM_UP)][0]
-    _, seconds = timed(lambda: [next(batches_of) for _ in range(batches)])
-    return batches * recipe["batch_size"] / seconds, n_train, first
-
-
-def one_cpu_stream_rate(train_dir):
-    """stream_rate in a child process bound to one CPU, every thread of it: tf.data's thread
-    options do not bind the threads of XLA's compiled crops, nor its prefetching. None where
-    the system cannot bind a process (not Linux)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    code = "import sys, bench; print(bench.stream_rate(sys.argv[1])[0])"
-    cpus = os.sched_getaffinity(0)
-    child = subprocess.run([sys.executable, "-c", code, os.path.abspath(train_dir)],
-                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
-                           preexec_fn=lambda: os.sched_setaffinity(0, [min(cpus)]))
-    if child.returncode:
-        raise RuntimeError(f"the one-CPU stream failed:\n{child.stderr[-2000:]}")
-    return float(child.stdout.split()[-1])
-
-
-def bench_stream(train_dir):
-    """The stream's crops a second on one CPU (a bound child process) and on all of them.
-    Returns the rates and one batch, the fixed tensors of the training step."""
-    say("== 5. Instance stream " + "=" * 62)
-    recipe = config.RECIPES["instance"]
-    one_cpu = one_cpu_stream_rate(train_dir)
-    all_cpus, n_train, first = stream_rate(train_dir)
-    crops = f"instance recipe's crops, {n_train} training images, {recipe['crop']}x{recipe['crop']}"
-    row("Stream", f"{crops}, one CPU", f"{one_cpu:.1f} crops/s" if one_cpu else
-        "not measured (this system cannot bind a process to one CPU)")
-    row("Stream", f"the same, all {os.cpu_count()} CPUs", f"{all_cpus:.1f} crops/s",
-        f"{all_cpus / one_cpu:.2f}x" if one_cpu else "")
-    return first
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Training steps alone, on fixed tensors
-
-
-def time_steps(model, x, y, steps=STEPS):
-    """Seconds per training step (train_on_batch) after two warm-up steps (compilation)."""
-    for _ in range(2):
-        model.train_on_batch(x, y)
-    _, seconds = timed(lambda: [model.train_on_batch(x, y) for _ in range(steps)])
-    return seconds / steps
-
-
-def window_seconds(model, compute, window=WINDOW, repeats=WINDOW_REPEATS):
-    """Seconds per call of nuclei.Network on one window x window input, after one warm-up call
-    (tracing, compilation)."""
-    import nuclei
-
-    network = nuclei.Network(model, compute)
-    x = np.random.default_rng(0).random((1, window, window, model.input_shape[-1]),
-                                        dtype=np.float32)
-    network(x)
-    _, seconds = timed(lambda: [network(x) for _ in range(repeats)])
-    return seconds / repeats
-
-
-def bench_steps(X, Y, instance_batch):
-    """Both paths (XLA and the plain graph) of: the instance recipe's training step on one batch
-    of the stream, in float32 and (where the CPU has it) bfloat16; the notebook recipe's step
-    on its first 16 images with its metric; and the instance network on one 1024x1024 window
-    at prediction, in both precisions. Also which path train.py and predict.py choose here
-    (device.py's rule) and how far it is from the fastest."""
-    import keras
-
-    import device
-    import unet
-
-    say("== 6. Training steps and the prediction window, both paths " + "=" * 25)
-    recipe = config.RECIPES["instance"]
-    policies = ["float32"] + (["mixed_bfloat16"] if device.cpu_has_bfloat16() else [])
-    paths = {True: "XLA", False: "plain graph"}
-    train_path = device.training_compute("auto", True, False)
-    predict_path = device.prediction_compute("auto")
-    chosen = {"train": (train_path.policy, train_path.jit is not False),
-              "predict": (predict_path.policy, predict_path.jit is not False)}
-    x, y = instance_batch
-    steps, windows = {}, {}
-    for policy in policies:
-        for jit in paths:
-            keras.mixed_precision.set_global_policy(policy)
-            keras.utils.set_random_seed(config.SEED)
-            model = unet.build_unet(recipe=recipe, steps=100, jit=jit)
-            seconds = steps[policy, jit] = time_steps(model, x, y)
-            mark = " (train.py's)" if chosen["train"] == (policy, jit) else ""
-            row("Steps", f"instance recipe, batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}, "
-                f"{policy}, {paths[jit]}{mark}", f"{seconds * 1e3:.0f} ms",
-                f"{x.shape[0] / seconds:.1f} crops/s")
-    keras.mixed_precision.set_global_policy("float32")
-    model = unet.build_unet(recipe=recipe)
-    for policy in policies:
-        for jit in paths:
-            seconds = windows[policy, jit] = window_seconds(model,
-                                                            device.Compute(jit, policy, "bench"))
-            mark = " (predict.py's)" if chosen["predict"] == (policy, jit) else ""
-            row("Window", f"instance network, one {WINDOW}x{WINDOW} window, {policy}, "
-                f"{paths[jit]}{mark}", f"{seconds:.2f} s",
-                f"{WINDOW ** 2 / 1e6 / seconds:.1f} MP/s")
-    x, y = X[:config.BATCH_SIZE], Y[:config.BATCH_SIZE].astype("float32")
-    for jit in paths:
-        keras.utils.set_random_seed(config.SEED)
-        seconds = time_steps(unet.build_unet(jit=jit), x, y)
-        row("Steps", f"notebook recipe, batch of {len(x)}, float32, metric compiled by XLA, "
-            f"{paths[jit]}", f"{seconds * 1e3:.0f} ms")
-    fastest = min(steps[policies[-1], jit] for jit in paths)
-    say(f"train.py's instance step here: {train_path.describe()}; "
-        f"{steps[chosen['train']] / fastest:.2f}x the faster path in {policies[-1]}")
-    say(f"predict.py's network here: {predict_path.describe()}; "
-        f"{windows[chosen['predict']] / min(windows.values()):.2f}x the fastest")
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def other_cpu_note(seconds, wall):
@@ -560,65 +413,14 @@ def device_name(cpuinfo="/proc/cpuinfo"):
     return f"{model}, {' '.join(shown) or 'no AVX2'}"
 
 
-def make_mosaic(test_dir, path, size):
-    """The fluorescence images of `test_dir` (grey, in id order, x 257 to 16 bits) packed in
-    rows into a size x size image, repeated until it is full; the rest of a row stays black."""
-    import tifffile
-
-    ids = data.list_ids(test_dir)
-    images, _ = data.load_native(test_dir, ids, with_labels=False)
-    greys = [image.mean(axis=2).astype(np.uint16) * 257 for image in images
-             if data.image_kind(image) == "fluorescence"]
-    mosaic = np.zeros((size, size), np.uint16)
-    top = left = row_height = placed = 0
-    for grey in (greys[n % len(greys)] for n in range(10 ** 6)):
-        height, width = grey.shape
-        if left + width > size:
-            top, left, row_height = top + row_height, 0, 0
-        if top + height > size:
-            break
-        mosaic[top:top + height, left:left + width] = grey
-        left, row_height, placed = left + width, max(row_height, height), placed + 1
-    tifffile.imwrite(path, mosaic, compression="zlib")
-    say(f"{path}: {size}x{size}, {placed} placements of {len(greys)} fluorescence images of "
-        f"{test_dir}")
-
-
-def bench_own_image(path, model_path):
-    """Seconds per megapixel of the network and of the post-processing for one image, nuclei
-    found, and the peak resident memory of this process (Linux reports it in KiB)."""
-    import resource
-
-    import checkpoints
-    import device
-    import nuclei
-
-    model, recipe = checkpoints.load_unet(model_path), checkpoints.read_recipe(model_path)
-    started = time.perf_counter()
-    pixels = imagefiles.read_pixels(path)
-    image = imagefiles.scaled_image(pixels)
-    read = time.perf_counter() - started
-    x = data.native_input(image, recipe)
-    compute = device.prediction_compute("auto")
-    say(f"Prediction: {compute.describe()}")
-    prob, network = timed(nuclei.predict_tiled, nuclei.Network(model, compute), x, recipe["tta"])
-    labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], recipe)
-    megapixels = image.shape[0] * image.shape[1] / 1e6
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    say(f"{path}: {image.shape[1]}x{image.shape[0]} ({megapixels:.1f} MP), {labels.max():,} "
-        f"nuclei; reading {read:.1f} s, network {network:.1f} s ({network / megapixels:.2f} "
-        f"s/MP, tta={recipe['tta']}), post-processing {post:.1f} s ({post / megapixels:.2f} "
-        f"s/MP), together {(network + post) / megapixels:.2f} s/MP; peak memory {peak:.2f} GB")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.make_mosaic:
-        return make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
+        return bench_instance.make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
     if args.own_image:
         with files.one_line_warnings():
             try:
-                return bench_own_image(args.own_image, args.model_path)
+                return bench_instance.bench_own_image(args.own_image, args.model_path)
             except files.InputError as error:
                 sys.exit(f"error: {error}")
     if args.epochs < 1:
@@ -640,9 +442,9 @@ def main(argv=None):
         if "training" in sections:
             bench_training(X, Y, args.train_dir, args.epochs, bound)
         if "stream" in sections or "steps" in sections:  # the steps train on its batch
-            instance_batch = bench_stream(args.train_dir)
+            instance_batch = bench_instance.bench_stream(args.train_dir, row)
         if "steps" in sections:
-            bench_steps(X, Y, instance_batch)
+            bench_instance.bench_steps(X, Y, instance_batch, row)
     except files.InputError as error:
         sys.exit(f"error: {error}")
     note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"

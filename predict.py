@@ -74,6 +74,41 @@ def default_model():
     return config.MODEL_PATH
 
 
+def add_own_image_flags(parser):
+    """The flags of `--images`: a folder in, nuclei and their measurements out."""
+    own = parser.add_argument_group(
+        "your own images",
+        "--images segments any PNG, TIFF, JPEG or BMP (8 or 16 bits, integer or float, grey,\n"
+        "RGB or RGBA) and zarr or OME-Zarr folders into --out-dir: labels/<name>.tif (and\n"
+        "labels/<name>.zarr for images read block by block), overlays/<name>.png, nuclei.csv\n"
+        "(one row per nucleus) and images.csv (one row per image)")
+    own.add_argument("--images", nargs="+", type=Path, metavar="PATH",
+                     help="image files and folders (a folder's images, sorted)")
+    own.add_argument("--recursive", action="store_true", help="also the folders' sub-folders")
+    own.add_argument("--channel", type=natural, metavar="N",
+                     help="the plane that holds the nuclei, for images with more planes than "
+                          "grey or RGB(A) (0 is the first)")
+    own.add_argument("--diameter", type=positive, metavar="PIXELS",
+                     help=f"the nuclei's typical diameter in these images: each is rescaled so "
+                          f"that they are {config.NUCLEUS_DIAMETER} pixels (the training "
+                          f"images' median), and the nuclei back")
+    own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
+                     help="microns per pixel: measurements in microns too")
+    own.add_argument("--block-size", type=block_size, default=config.BLOCK, metavar="PIXELS",
+                     help="zarr folders, pyramidal TIFFs and TIFFs over "
+                          f"{config.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are segmented in "
+                          "blocks of this size (memory per process grows with its square)")
+    own.add_argument("--workers", type=positive_int, metavar="N",
+                     help="segment on a Dask LocalCluster of N worker processes, each loading "
+                          "the model once and using its share of the cores")
+    own.add_argument("--scheduler", metavar="ADDRESS",
+                     help="segment on the workers of a running Dask scheduler (e.g. "
+                          "tcp://host:8786); --out-dir must be visible to them")
+    own.add_argument("--overwrite", action="store_true",
+                     help="redo every image (by default a rerun skips the images this model and "
+                          "these settings made)")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=files.HelpFormatter)
@@ -115,36 +150,7 @@ def parse_args(argv):
                         help="open the triptychs and the contact sheet in windows")
     parser.add_argument("--no-cache", action="store_true",
                         help=f"always decode the PNGs instead of using {config.CACHE_DIR}")
-    own = parser.add_argument_group(
-        "your own images",
-        "--images segments any PNG, TIFF, JPEG or BMP (8 or 16 bits, integer or float, grey,\n"
-        "RGB or RGBA) into --out-dir: labels/<name>.tif, overlays/<name>.png, nuclei.csv (one\n"
-        "row per nucleus) and images.csv (one row per image)")
-    own.add_argument("--images", nargs="+", type=Path, metavar="PATH",
-                     help="image files and folders (a folder's images, sorted)")
-    own.add_argument("--recursive", action="store_true", help="also the folders' sub-folders")
-    own.add_argument("--channel", type=natural, metavar="N",
-                     help="the plane that holds the nuclei, for images with more planes than "
-                          "grey or RGB(A) (0 is the first)")
-    own.add_argument("--diameter", type=positive, metavar="PIXELS",
-                     help=f"the nuclei's typical diameter in these images: each is rescaled so "
-                          f"that they are {config.NUCLEUS_DIAMETER} pixels (the training "
-                          f"images' median), and the nuclei back")
-    own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
-                     help="microns per pixel: measurements in microns too")
-    own.add_argument("--block-size", type=block_size, default=config.BLOCK, metavar="PIXELS",
-                     help="zarr folders, pyramidal TIFFs and TIFFs over "
-                          f"{config.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are segmented in "
-                          "blocks of this size (memory per process grows with its square)")
-    own.add_argument("--workers", type=positive_int, metavar="N",
-                     help="segment on a Dask LocalCluster of N worker processes, each loading "
-                          "the model once and using its share of the cores")
-    own.add_argument("--scheduler", metavar="ADDRESS",
-                     help="segment on the workers of a running Dask scheduler (e.g. "
-                          "tcp://host:8786); --out-dir must be visible to them")
-    own.add_argument("--overwrite", action="store_true",
-                     help="redo every image (by default a rerun skips the images this model and "
-                          "these settings made)")
+    add_own_image_flags(parser)
     args = parser.parse_args(argv)
     if args.workers and args.scheduler:
         parser.error("--workers and --scheduler: choose one")

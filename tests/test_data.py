@@ -4,8 +4,8 @@ import pytest
 import config
 import data
 import files
+from notebook_reference import load_train_notebook
 from tests.conftest import SAMPLE_TEST, SAMPLE_TRAIN, disc, write_png
-from tests.reference import load_train_notebook
 
 
 def test_load_train_shapes_dtypes_and_sorted_ids(dsb_tree):

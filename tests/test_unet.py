@@ -5,8 +5,8 @@ import checkpoints
 import config
 import metrics
 import unet
+from notebook_reference import iou_metric_batch_notebook, iou_metric_notebook
 from tests.conftest import SAMPLE_TRAIN
-from tests.reference import iou_metric_batch_notebook, iou_metric_notebook
 
 
 def square(top, left, size=10, shape=(32, 32)):

@@ -1,4 +1,4 @@
-"""The notebook's own code, kept as the oracle the fast versions are checked against.
+"""The notebook's own code, kept as the oracle the fast versions are checked and timed against.
 
 `load_train_notebook` is the notebook's loading loop (one resize per mask, `np.maximum` merge)
 with scikit-image 0.13's resize (no anti-aliasing); `iou_metric_notebook` is the Kaggle
