@@ -31,7 +31,14 @@ config.WHOLE_PIXELS), the post-processing, and the process's peak memory;
 
 python bench.py --make-mosaic mosaic_4096.tif --test-dir data/stage1_test
 
-writes such an image: the test set's fluorescence images side by side, in 16 bits.
+writes such an image: the test set's fluorescence images side by side, in 16 bits (a zarr
+array when the name ends in .zarr, which --own-image then times block by block);
+
+python bench.py --make-tiffs tiffs --test-dir data/stage1_test
+python bench.py --workers-scaling tiffs --model-path models/instance.keras
+
+time `predict.py --images` on a Dask LocalCluster: one worker process against two (one thread
+each), and one process against --workers 2.
 
 The results are printed as they come and again at the end as a Markdown table for the README.
 """
@@ -81,6 +88,13 @@ def parse_args(argv):
                              "fluorescence images of --test-dir side by side (repeated until "
                              "it is full), the large image --own-image times")
     parser.add_argument("--mosaic-size", type=int, default=4096, metavar="PIXELS")
+    parser.add_argument("--make-tiffs", type=Path, metavar="FOLDER",
+                        help="instead, write the images of --test-dir as 16-bit TIFFs into "
+                             "FOLDER, the folder --workers-scaling times")
+    parser.add_argument("--workers-scaling", type=Path, metavar="FOLDER",
+                        help="instead, time `predict.py --images FOLDER` on Dask: one worker "
+                             "process of one thread against two, and one process against "
+                             "--workers 2")
     parser.add_argument("--test-dir", type=Path, default=config.TEST_PATH,
                         help="the images of --make-mosaic")
     return parser.parse_args(argv)
@@ -417,6 +431,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.make_mosaic:
         return bench_instance.make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
+    if args.make_tiffs:
+        return bench_instance.make_tiffs(args.test_dir, args.make_tiffs)
+    if args.workers_scaling:
+        return bench_instance.bench_workers(args.workers_scaling, args.model_path)
     if args.own_image:
         with files.one_line_warnings():
             try:

@@ -166,11 +166,13 @@ def bench_steps(X, Y, instance_batch, row):
         f"{windows[chosen['predict']] / min(windows.values()):.2f}x the fastest")
 
 
+# Images of one's own
 
 
 def make_mosaic(test_dir, path, size):
     """The fluorescence images of `test_dir` (grey, in id order, x 257 to 16 bits) packed in
-    rows into a size x size image, repeated until it is full; the rest of a row stays black."""
+    rows into a size x size image, repeated until it is full; the rest of a row stays black.
+    A TIFF, or a zarr array in blocks of config.BLOCK when `path` ends in .zarr."""
     import tifffile
 
     ids = data.list_ids(test_dir)
@@ -187,28 +189,39 @@ def make_mosaic(test_dir, path, size):
             break
         mosaic[top:top + height, left:left + width] = grey
         left, row_height, placed = left + width, max(row_height, height), placed + 1
-    tifffile.imwrite(path, mosaic, compression="zlib")
+    if Path(path).suffix == ".zarr":
+        import zarr
+
+        zarr.create_array(str(path), shape=mosaic.shape, chunks=(config.BLOCK, config.BLOCK),
+                          dtype=mosaic.dtype)[:] = mosaic
+    else:
+        tifffile.imwrite(path, mosaic, compression="zlib")
     say(f"{path}: {size}x{size}, {placed} placements of {len(greys)} fluorescence images of "
         f"{test_dir}")
 
 
 def bench_own_image(path, model_path):
-    """Seconds per megapixel of the network and of the post-processing for one image, nuclei
-    found, and the peak resident memory of this process (Linux reports it in KiB)."""
+    """Seconds per megapixel for one image as `predict.py --images` segments it, nuclei found,
+    and the peak resident memory of this process (Linux reports it in KiB): in memory, the
+    network and the post-processing apart; block by block (blocks.is_block_wise), the whole of
+    blocks.segment_large, reading and writing included."""
     import resource
 
+    import blocks
     import checkpoints
     import device
     import nuclei
 
     model, recipe = checkpoints.load_unet(model_path), checkpoints.read_recipe(model_path)
+    compute = device.prediction_compute("auto")
+    say(f"Prediction: {compute.describe()}")
+    if blocks.is_block_wise(path):
+        return bench_block_wise(path, nuclei.Predictor(model, recipe, compute))
     started = time.perf_counter()
     pixels = imagefiles.read_pixels(path)
     image = imagefiles.scaled_image(pixels)
     read = time.perf_counter() - started
     x = data.native_input(image, recipe)
-    compute = device.prediction_compute("auto")
-    say(f"Prediction: {compute.describe()}")
     prob, network = timed(nuclei.predict_tiled, nuclei.Network(model, compute), x, recipe["tta"])
     labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], recipe)
     megapixels = image.shape[0] * image.shape[1] / 1e6
@@ -217,3 +230,82 @@ def bench_own_image(path, model_path):
         f"nuclei; reading {read:.1f} s, network {network:.1f} s ({network / megapixels:.2f} "
         f"s/MP, tta={recipe['tta']}), post-processing {post:.1f} s ({post / megapixels:.2f} "
         f"s/MP), together {(network + post) / megapixels:.2f} s/MP; peak memory {peak:.2f} GB")
+
+
+def bench_block_wise(path, predictor):
+    import argparse
+    import resource
+    import tempfile
+
+    import blocks
+
+    with tempfile.TemporaryDirectory(prefix="bench-blocks-") as out:
+        outputs = {"zarr": Path(out) / "labels.zarr", "labels": Path(out) / "labels.tif"}
+        options = argparse.Namespace(channel=None, diameter=None, pixel_size=None)
+        (shape, count, _, cut, _, _), seconds = timed(
+            blocks.segment_large, lambda: predictor, predictor.recipe, path, outputs, options)
+    megapixels = shape[0] * shape[1] / 1e6
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    say(f"{path}: {shape[1]}x{shape[0]} ({megapixels:.1f} MP), block by block "
+        f"({config.BLOCK}-pixel blocks, {config.BLOCK_OVERLAP} overlap), {count:,} nuclei, "
+        f"{cut} clumps cut; {seconds:.1f} s, {seconds / megapixels:.2f} s/MP (reading, "
+        f"network with tta={predictor.recipe['tta']}, post-processing and writing); peak "
+        f"memory {peak:.2f} GB")
+
+
+def make_tiffs(test_dir, folder):
+    """The images of `test_dir` as 16-bit TIFFs (x 257), the own-image folder the scaling of
+    --workers is measured on."""
+    import tifffile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = data.list_ids(test_dir)
+    for id_ in ids:
+        image = imagefiles.read_image(Path(test_dir) / id_ / "images" / f"{id_}.png")
+        tifffile.imwrite(folder / f"{id_}.tif", image.astype(np.uint16) * 257)
+    say(f"{folder}: {len(ids)} 16-bit TIFFs of {test_dir}")
+
+
+def bench_workers(folder, model_path):
+    """The images of `folder` segmented (a) on LocalClusters of one and of two worker
+    processes of one thread each (TensorFlow limited to one thread), in images a second; and
+    (b) by `predict.py --images` in one process and with `--workers 2`, in seconds."""
+    import argparse
+    import tempfile
+
+    from distributed import Client, LocalCluster
+
+    import checkpoints
+    import own_images
+    import predict
+
+    recipe = checkpoints.read_recipe(model_path)
+    images = own_images.image_files([Path(folder)], False)
+    rates = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="bench-workers-") as out, \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None) as cluster, Client(cluster) as client:
+            options = argparse.Namespace(out_dir=Path(out), channel=None, pixel_size=None,
+                                         diameter=None, block_size=config.BLOCK)
+            args = (Path(model_path).resolve(), recipe, "auto", "auto", 1)
+            started = time.perf_counter()
+            futures = client.map(own_images.segment_task, [p.resolve() for p, _ in images],
+                                 [n for _, n in images], options=options, scale=1.0,
+                                 made_by="bench", predictor_args=args, pure=False)
+            client.gather(futures)
+            rates[workers] = len(images) / (time.perf_counter() - started)
+        say(f"{workers} worker process{'es' if workers > 1 else ''} of one thread: "
+            f"{rates[workers]:.2f} images/s")
+    say(f"two workers / one: {rates[2] / rates[1]:.2f}x the images a second")
+    seconds = {}
+    for name, extra in (("one process", []), ("--workers 2", ["--workers", "2"])):
+        with tempfile.TemporaryDirectory(prefix="bench-workers-") as out:
+            with contextlib.redirect_stdout(sys.stderr):
+                _, seconds[name] = timed(predict.main, ["--images", str(folder), "--model-path",
+                                                        str(model_path), "--out-dir", out,
+                                                        *extra])
+        say(f"predict.py --images, {name}: {seconds[name]:.1f} s for {len(images)} images")
+    say(f"--workers 2 / one process: {seconds['--workers 2'] / seconds['one process']:.2f}x "
+        "the time")
