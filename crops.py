@@ -117,7 +117,8 @@ def _resize_axis(top, window, size, length, bilinear):
 def crop_draws(store, n, seed, recipe):
     """Every random number of one training crop of image n of a crop_store (training_crop),
     from `seed` (two int64) alone, in plain TensorFlow operations: the window's size and place,
-    the turn and flip, and the contrast and offset."""
+    the stain weights (Gamma draws, which XLA cannot compile), the turn and flip, and the
+    intensity changes (intensity_draws)."""
     import tensorflow as tf
 
     seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12)))
@@ -133,11 +134,19 @@ def crop_draws(store, n, seed, recipe):
                  [], next(seeds), 0, tf.maximum(height, window) - window + 1, tf.int64),
              "left": tf.random.stateless_uniform(
                  [], next(seeds), 0, tf.maximum(width, window) - window + 1, tf.int64)}
+    channels = store["pixels"].shape[1]
+    if recipe.get("stain_augment"):
+        # Dirichlet weights: independent Gamma draws, normalised.
+        draws["mix"] = tf.random.stateless_gamma([channels], next(seeds), STAIN_CONCENTRATION)
+        channels = 1
     if recipe["augment"]:
         draws["turns"] = tf.random.stateless_uniform([], next(seeds), 0, 4, tf.int32)
         draws["flip"] = tf.random.stateless_uniform([], next(seeds), 0, 2, tf.int32) > 0
-        draws["contrast"] = tf.random.stateless_uniform([], next(seeds), 0.7, 1.3)
-        draws["offset"] = tf.random.stateless_uniform([], next(seeds), -0.2, 0.2)
+        if recipe.get("intensity_augment"):
+            draws["intensity"] = intensity_draws(next(seeds), (size, size, channels))
+        else:
+            draws["contrast"] = tf.random.stateless_uniform([], next(seeds), 0.7, 1.3)
+            draws["offset"] = tf.random.stateless_uniform([], next(seeds), -0.2, 0.2)
     return draws
 
 
@@ -145,8 +154,10 @@ def crop_pixels(store, draws, size):
     """The size x size training crop that `draws` (crop_draws) describe, without a random
     number of its own: a random square window (the image reflect-padded at the bottom and
     right when smaller), rescaled to `size` (nucleus sizes differ several-fold between kinds of
-    image; bilinear for the input, nearest neighbour for the labels), turned and flipped, its
-    brightness and contrast changed: as the draws hold them. Returns
+    image; bilinear for the input, nearest neighbour for the labels), with
+    `stain_augment` the input's three channels mixed into grey (a stain or a camera that
+    renders nuclei differently), turned and flipped; then intensity_jitter, or (augment
+    without intensity_augment) brightness and contrast: as the draws hold them. Returns
     float32 (S, S, C) and the int32 (S, S) label crop, whose instance_targets_tf are the
     targets."""
     import tensorflow as tf
@@ -171,12 +182,18 @@ def crop_pixels(store, draws, size):
           + gather(store["pixels"], row0, col1) * right) * (1 - down)
          + (gather(store["pixels"], row1, col0) * (1 - right)
             + gather(store["pixels"], row1, col1) * right) * down)
+    if "mix" in draws:
+        mix = draws["mix"]
+        x = tf.reduce_sum(x * mix / tf.reduce_sum(mix), axis=2, keepdims=True)
     if "turns" in draws:
         turns, flip = draws["turns"], draws["flip"]
         x, labels = tf.image.rot90(x, turns), tf.image.rot90(labels[..., None], turns)[..., 0]
         x = tf.where(flip, x[:, ::-1], x)
         labels = tf.where(flip, labels[:, ::-1], labels)
-        x = x * draws["contrast"] + draws["offset"]
+        if "intensity" in draws:
+            x = intensity_jitter(x, draws["intensity"])
+        else:
+            x = x * draws["contrast"] + draws["offset"]
     return x, labels
 
 
@@ -199,6 +216,76 @@ def training_crop(store, n, seed, recipe):
     comes from `seed` (two int64), so a crop depends on its seed only. Returns the float32
     (S, S, C) input, the int32 (S, S) label crop, and its uint8 (S, S, 3) instance_targets."""
     return _compiled_crop(recipe["crop"])(store, crop_draws(store, n, seed, recipe))
+
+
+# Stain mixing weights come from a Dirichlet distribution with this concentration per channel:
+# 4 keeps them around a third each (the grey input), at times one channel twice the others.
+STAIN_CONCENTRATION = 4.0
+# Blur's largest sigma, and SciPy's gaussian_filter's reach: the kernel is cut at 4 sigmas.
+MAX_BLUR = 1.5
+BLUR_RADIUS = int(4 * MAX_BLUR + 0.5)
+
+
+def intensity_draws(seed, shape):
+    """intensity_jitter's random numbers for a crop of `shape` (S, S, C), from `seed` (two
+    int64): the noise image only when noise is drawn."""
+    import tensorflow as tf
+
+    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 10)))
+
+    def uniform(low, high, shape=()):
+        return tf.random.stateless_uniform(shape, next(seeds), low, high)
+
+    def chance():
+        return uniform(0.0, 1.0) < 1 / 3
+
+    draws = {"gamma": tf.exp(uniform(np.log(0.5), np.log(2.0))), "blur": chance(),
+             "sigma": uniform(0.5, MAX_BLUR), "noisy": chance(), "noise": uniform(0.01, 0.1)}
+    noise_seed = next(seeds)
+    draws["noise_image"] = tf.cond(draws["noisy"],
+                                   lambda: tf.random.stateless_normal(shape, noise_seed),
+                                   lambda: tf.zeros(shape))
+    draws.update(gradient=chance(), slope=uniform(-0.3, 0.3, [2]), contrast=uniform(0.5, 1.5),
+                 offset=uniform(-0.2, 0.2))
+    return draws
+
+
+def intensity_jitter(x, draws):
+    """A scaled input (S, S, C) as another acquisition might show it, from intensity_draws:
+    gamma 0.5 to 2 (dim or washed-out nuclei), out of focus (a Gaussian blur of sigma 0.5 to
+    1.5, as SciPy's gaussian_filter with its "reflect" border) or noisy (sigma 0.01 to 0.1) a
+    third of the time each, a linear background gradient a third of the time, contrast 0.5 to
+    1.5 and an offset of up to 0.2."""
+    import tensorflow as tf
+
+    x = tf.maximum(x, 0) ** draws["gamma"]
+    sigma = draws["sigma"]
+    # SciPy's kernel: exp(-t^2 / 2 sigma^2) out to int(4 sigma + 0.5) pixels, normalised.
+    t = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
+    kernel = tf.where(tf.abs(t) <= tf.floor(4 * sigma + 0.5), tf.exp(-0.5 * (t / sigma) ** 2), 0)
+    kernel /= tf.reduce_sum(kernel)
+
+    def blurred():
+        # The kernel's taps as shifted copies, which XLA fuses into one pass per axis: XLA's
+        # CPU convolution of one channel took 6 ms a crop, more than the rest of it together.
+        height, width = x.shape[0], x.shape[1]
+        padded = tf.pad(x, [[BLUR_RADIUS] * 2, [BLUR_RADIUS] * 2, [0, 0]], mode="SYMMETRIC")
+        rows = functools.reduce(tf.add, [kernel[k] * padded[k:k + height]
+                                         for k in range(2 * BLUR_RADIUS + 1)])
+        return functools.reduce(tf.add, [kernel[k] * rows[:, k:k + width]
+                                         for k in range(2 * BLUR_RADIUS + 1)])
+
+    x = tf.cond(draws["blur"], blurred, lambda: x)
+    x = tf.cond(draws["noisy"], lambda: x + draws["noise"] * draws["noise_image"], lambda: x)
+    slope = draws["slope"]
+
+    def with_gradient():
+        rows = tf.linspace(-0.5, 0.5, tf.shape(x)[0])[:, None, None]
+        cols = tf.linspace(-0.5, 0.5, tf.shape(x)[1])[None, :, None]
+        return x + (slope[0] * rows + slope[1] * cols)
+
+    x = tf.cond(draws["gradient"], with_gradient, lambda: x)
+    return x * draws["contrast"] + draws["offset"]
 
 
 def centre_crop(x, labels, recipe):

@@ -136,7 +136,8 @@ def load_instance_data(args, recipe):
     split = data.split_index(len(ids), args.train_dir)
     images, labels = data.load_native(args.train_dir, ids)
     train = [n for n in range(split) if not data.held_out(images[n], recipe)]
-    inputs = [data.native_input(image, recipe) for image in images]
+    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"] and n < split)
+              for n, image in enumerate(images)]
     kinds = [data.image_kind(images[n]) for n in train]
     pairs = [crops.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
@@ -233,10 +234,9 @@ def check_existing_model(model_path, recipe):
     import checkpoints
 
     saved = checkpoints.read_recipe(model_path)
-    there = {**config.RETIRED_SETTINGS, **saved}
-    differ = [f"{key}={json.dumps(there.get(key))} there, {json.dumps(value)} here"
-              for key, value in {**config.RETIRED_SETTINGS, **recipe}.items()
-              if key not in config.POST_SETTINGS and there.get(key) != value]
+    differ = [f"{key}={json.dumps(saved.get(key))} there, {json.dumps(value)} here"
+              for key, value in recipe.items()
+              if key not in config.POST_SETTINGS and saved.get(key) != value]
     if differ:
         raise files.InputError(f"{model_path}: trained with other settings ({'; '.join(differ)}); "
                                "choose another --model-path or move it")

@@ -15,10 +15,10 @@ CROP = 64
 
 @pytest.fixture(scope="module")
 def sample():
-    """The first 4 sample images as the instance recipe trains on them."""
+    """The first 4 sample images as the instance recipe trains on them (stain channels)."""
     ids = data.list_ids(SAMPLE_TRAIN)[:4]
     images, labels = data.load_native(SAMPLE_TRAIN, ids)
-    inputs = [data.native_input(image, INSTANCE) for image in images]
+    inputs = [data.native_input(image, INSTANCE, channels=True) for image in images]
     return inputs, labels, [data.image_kind(image) for image in images]
 
 
@@ -38,12 +38,15 @@ def test_batches_shapes_types_and_seeds(sample):
     again = first_batch(store, kinds, recipe, seed=7)
     assert all(np.array_equal(a, b) for a, b in zip((x, y), again))
     assert not np.array_equal(x, first_batch(store, kinds, recipe, seed=8)[0])
+    grey = {**recipe, "stain_augment": False}
+    store = crops.crop_store([data.native_input(i, grey) for i in inputs[:2]], labels[:2])
+    assert first_batch(store, kinds[:2], grey, 7, 2)[0].shape == (2, CROP, CROP, 1)
 
 
 def test_an_epoch_shows_every_image_once(sample):
     """Without balance_kinds, each epoch is a permutation of the images: an image whose every
     pixel is its index shows it in each crop (no augmentation)."""
-    plain = {**INSTANCE, "crop": 8, "augment": False}
+    plain = {**INSTANCE, "crop": 8, "augment": False, "stain_augment": False}
     shapes = [(9, 12), (30, 20), (8, 8), (15, 15)]
     inputs = [np.full((*shape, 1), n, np.float32) for n, shape in enumerate(shapes)]
     labels = [np.zeros(shape, np.int32) for shape in shapes]
@@ -87,10 +90,16 @@ def test_stream_targets_are_the_targets_of_its_label_crops(sample):
 def test_compiled_crops_are_the_plain_operations_crops(sample):
     """XLA compiles crop_pixels (crops.training_crop): the same label crops as its plain
     TensorFlow operations, pixel for pixel, and inputs within float rounding (XLA fuses the
-    arithmetic), with the augmentation and without."""
+    arithmetic), for every recipe path: stain and intensity changes, contrast alone, none."""
     inputs, labels, kinds = sample
-    store = crops.crop_store(inputs, labels)
-    for recipe in ({**INSTANCE, "crop": CROP}, {**INSTANCE, "crop": CROP, "augment": False}):
+    grey = [data.native_input(image, INSTANCE) for image in data.load_native(
+        SAMPLE_TRAIN, data.list_ids(SAMPLE_TRAIN)[:2])[0]]
+    paths = [(crops.crop_store(inputs, labels), {**INSTANCE, "crop": CROP}),
+             (crops.crop_store(grey, labels[:2]),
+              {**INSTANCE, "crop": CROP, "stain_augment": False, "intensity_augment": False}),
+             (crops.crop_store(grey, labels[:2]),
+              {**INSTANCE, "crop": CROP, "stain_augment": False, "augment": False})]
+    for store, recipe in paths:
         for k in range(8):
             n = k % len(store["offsets"])
             seed = tf.constant([3, k], tf.int64)
@@ -109,7 +118,7 @@ def test_rescaled_flipped_turned_crops_keep_image_and_labels_aligned():
     rows, cols = np.indices((200, 230))
     labels = (rows // 14 * 13 + cols // 18 + 1).astype(np.int32)
     store = crops.crop_store([labels[..., None].astype(np.float32)], [labels])
-    recipe = {**INSTANCE, "crop": CROP}
+    recipe = {**INSTANCE, "crop": CROP, "intensity_augment": False, "stain_augment": False}
     windows = set()
     for k in range(12):
         x, label_crop, _ = (t.numpy() for t in crops.training_crop(
@@ -128,15 +137,36 @@ def test_rescaled_flipped_turned_crops_keep_image_and_labels_aligned():
     assert len(windows) > 6  # rescaled and turned differently
 
 
-def test_contrast_and_offset_stay_in_range():
-    """Inputs in 0..1: contrast 0.7 to 1.3 and an offset of up to 0.2 keep crops within
-    -0.2..1.5, and vary from crop to crop."""
+def test_intensity_stays_in_range(sample):
+    """Inputs in 0..1: contrast and offset alone keep crops within -0.2..1.5; with
+    intensity_jitter (gamma, blur, noise up to sigma 0.1, gradient up to 0.15, contrast 0.5 to
+    1.5, offset 0.2) within -0.2 - 1.5 * (0.15 + 6 * 0.1) and 1.5 * (1 + 0.15 + 0.6) + 0.2."""
     rng = np.random.default_rng(0)
     inputs = [rng.random((80, 90, 1)).astype(np.float32) for _ in range(4)]
     labels = [np.zeros((80, 90), np.int32)] * 4
     store = crops.crop_store(inputs, labels)
-    x, _ = first_batch(store, ["fluorescence"] * 4, {**INSTANCE, "crop": CROP}, seed=1,
-                       batch_size=16)
+    kinds = ["fluorescence"] * 4
+    plain = {**INSTANCE, "crop": CROP, "intensity_augment": False, "stain_augment": False}
+    x, _ = first_batch(store, kinds, plain, seed=1, batch_size=16)
     assert x.min() >= -0.2 and x.max() <= 1.5
+    x, _ = first_batch(store, kinds, {**plain, "intensity_augment": True}, seed=1, batch_size=16)
+    assert x.min() >= -0.2 - 1.5 * 0.75 and x.max() <= 1.5 * 1.75 + 0.2
     medians = np.median(x, axis=(1, 2, 3))
-    assert medians.max() - medians.min() > 0.3
+    assert medians.max() - medians.min() > 0.3  # gamma, contrast and offset vary by crop
+
+
+def test_blur_is_scipys_gaussian_filter():
+    """intensity_jitter's blur alone (its other changes drawn off) is SciPy's gaussian_filter
+    with the "reflect" border, kernel cut at 4 sigmas, for sigmas across its range."""
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).random((40, 50, 1)).astype(np.float32)
+    off = {"gamma": tf.constant(1.0), "blur": tf.constant(True), "noisy": tf.constant(False),
+           "gradient": tf.constant(False), "contrast": tf.constant(1.0),
+           "offset": tf.constant(0.0)}
+    for sigma in (0.5, 0.77, 1.0, 1.12, 1.5):
+        draws = {**crops.intensity_draws(tf.constant([1, 0], tf.int64), x.shape), **off,
+                 "sigma": tf.constant(sigma)}
+        expected = ndimage.gaussian_filter(x[..., 0].astype(np.float64), sigma, mode="reflect")
+        np.testing.assert_allclose(crops.intensity_jitter(x, draws).numpy()[..., 0], expected,
+                                   rtol=0, atol=1e-6)
