@@ -267,10 +267,18 @@ def make_tiffs(test_dir, folder):
     say(f"{folder}: {len(ids)} 16-bit TIFFs of {test_dir}")
 
 
+def load_model(predictor_args):
+    """A Dask worker's Predictor, made (own_images.worker_predictor keeps it)."""
+    import own_images
+
+    own_images.worker_predictor(*predictor_args)
+
+
 def bench_workers(folder, model_path):
     """The images of `folder` segmented (a) on LocalClusters of one and of two worker
-    processes of one thread each (TensorFlow limited to one thread), in images a second; and
-    (b) by `predict.py --images` in one process and with `--workers 2`, in seconds."""
+    processes of one thread each (TensorFlow limited to one thread), in images a second once
+    every worker has loaded the model; and (b) by `predict.py --images` in one process and with
+    `--workers 2`, in seconds from start to end."""
     import argparse
     import tempfile
 
@@ -290,6 +298,7 @@ def bench_workers(folder, model_path):
             options = argparse.Namespace(out_dir=Path(out), channel=None, pixel_size=None,
                                          diameter=None, block_size=config.BLOCK)
             args = (Path(model_path).resolve(), recipe, "auto", "auto", 1)
+            client.run(load_model, args)  # each worker's start-up and model, not timed
             started = time.perf_counter()
             futures = client.map(own_images.segment_task, [p.resolve() for p, _ in images],
                                  [n for _, n in images], options=options, scale=1.0,
