@@ -13,7 +13,7 @@ from PIL import Image
 import data
 import files
 import imagefiles
-from tests.conftest import ROOT, disc, make_dsb_tree, write_png
+from tests.conftest import ROOT, SMALL_SIZE, disc, make_dsb_tree, write_png
 
 
 def write_raw_png(path, array, bit_depth, color_type, size=None):
@@ -249,9 +249,13 @@ def test_an_unreadable_file_is_named(dsb_tree, monkeypatch):
 
 def test_the_scripts_print_warnings_in_one_line(dsb_tree, tmp_path):
     (dsb_tree / "id01" / "masks" / "notes.txt").write_text("not a mask")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train-dir", str(dsb_tree),
+    # train.py's own entry (main, which turns warnings into lines), on small images.
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import config; "
+            f"config.IMG_HEIGHT = config.IMG_WIDTH = {SMALL_SIZE}; import train; train.main()")
+    result = subprocess.run([sys.executable, "-c", code, "--train-dir", str(dsb_tree),
                              "--no-cache", "--model-path", str(tmp_path / "a-file" / "m.keras"),
-                             "--epochs", "1"], capture_output=True, text=True, cwd=tmp_path)
+                             "--epochs", "1"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
     assert f"warning: {dsb_tree / 'id01' / 'masks' / 'notes.txt'}: not a PNG, skipped\n" in \
         result.stderr
     assert "UserWarning" not in result.stderr and "mask_paths(" not in result.stderr

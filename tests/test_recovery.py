@@ -81,22 +81,6 @@ def save_weights(self, filepath, *args, **kwargs):
 keras.Model.save_weights = save_weights
 """
 
-# The disk fills up during the second save of a model (epoch 2's better model): half of it is
-# written, then ENOSPC.
-DISK_FULL_AT_SECOND_SAVE = """
-import errno, keras
-_save = keras.Model.save
-saves = []
-def save(self, filepath, *args, **kwargs):
-    saves.append(filepath)
-    if len(saves) == 2:
-        with open(filepath, "wb") as f:
-            f.write(b"PK" + bytes(100000))
-        raise OSError(errno.ENOSPC, "No space left on device")
-    _save(self, filepath, *args, **kwargs)
-keras.Model.save = save
-"""
-
 # Notes whether the stale partial file is still there when training starts.
 RECORD_PARTIAL = """
 import keras
@@ -195,6 +179,17 @@ def run_train(args, hook="", timeout=120, **paths):
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def start_train(args, hook="", **paths):
+    """run_train started, not waited for (finished): two runs at once use both cores."""
+    return subprocess.Popen([sys.executable, "-c", train_code(hook, **paths), *args], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process, timeout=180):
+    stdout, stderr = process.communicate(timeout=timeout)
+    return types.SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
+
+
 def run_here(args):
     """train.main(args) in this process (the test's small_images fixture sets the image size),
     with what it prints and its exit status, as run_train gives them: for runs that need no
@@ -238,28 +233,37 @@ def tree(tmp_path):
     return root
 
 
+# The killed runs that tests inspect and continue: {name: (hook, batch size)}, 4 epochs each.
+KILLED_RUNS = {"epoch_3": (KILL_BEFORE_EPOCH_3, 3), "mid_backup": (KILL_MID_BACKUP, 4)}
+
+
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory):
-    """Runs that other tests inspect and continue, each made once: {name: (train_dir, folder of
-    the killed run)}; a test works on a copy (killed_copy)."""
-    made = {}
+    """The KILLED_RUNS, made once and all at once (two processes use both cores) when the first
+    is asked for: killed_runs(name) is (train_dir, folder of the killed run); a test works on a
+    copy (killed_copy)."""
+    started, made = {}, {}
 
-    def make(name, hook, epochs=4, batch_size=4):
+    def make(name):
+        if not started:
+            for run, (hook, batch_size) in KILLED_RUNS.items():
+                root = tmp_path_factory.mktemp(run)
+                tree = root / "stage1_train"
+                make_dsb_tree(tree, n_images=5)
+                args = train_args(tree, root / "model" / "unet.keras", 4, batch_size=batch_size)
+                started[run] = tree, root / "model", start_train(args, hook)
         if name not in made:
-            root = tmp_path_factory.mktemp(name)
-            tree = root / "stage1_train"
-            make_dsb_tree(tree, n_images=5)
-            args = train_args(tree, root / "model" / "unet.keras", epochs, batch_size=batch_size)
-            result = run_train(args, hook)
+            tree, folder, process = started[name]
+            result = finished(process)
             assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
-            made[name] = tree, root / "model"
+            made[name] = tree, folder
         return made[name]
     return make
 
 
-def killed_copy(killed_runs, tmp_path, name, hook, **run):
+def killed_copy(killed_runs, tmp_path, name):
     """(train_dir, model path) of a copy of the shared killed run `name`."""
-    tree, folder = killed_runs(name, hook, **run)
+    tree, folder = killed_runs(name)
     shutil.copytree(folder, tmp_path / "model")
     return tree, tmp_path / "model" / "unet.keras"
 
@@ -430,8 +434,7 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, kille
     import checkpoints
 
     # Epochs 1 and 2 of 4, then SIGKILL as epoch 3 begins.
-    tree, model_path = killed_copy(killed_runs, tmp_path, "epoch_3", KILL_BEFORE_EPOCH_3,
-                                   batch_size=3)
+    tree, model_path = killed_copy(killed_runs, tmp_path, "epoch_3")
     csv_path = model_path.with_suffix(".history.csv")
     backup = train.backup_dir(model_path)
     assert list(history(model_path)["epoch"]) == [0, 1]
@@ -463,11 +466,11 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, kille
 
 def kill_and_resume(tree, model_path, epochs, *extra):
     """A run killed as epoch 3 begins (epoch 2 finished and backed up), then resumed to the
-    end."""
+    end (in this process: a resume needs no signal)."""
     args = train_args(tree, model_path, epochs, *extra, batch_size=3)
     result = run_train(args, KILL_BEFORE_EPOCH_3)
     assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
-    return run_train(args + ["--resume"])
+    return run_here(args + ["--resume"])
 
 
 @pytest.mark.parametrize("recipe", [[], ["--recipe", "instance", "--set", "crop=32"]],
@@ -477,7 +480,7 @@ def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_image
     same batches in the same order (the input stream resumes where it was) and the same dropout
     masks (their random state is saved with the backup). Two batches an epoch, so that the order
     matters. Tolerance: 1e-6 relative (the same arithmetic in the same order; equal here)."""
-    tree = killed_runs("epoch_3", KILL_BEFORE_EPOCH_3, batch_size=3)[0]
+    tree = killed_runs("epoch_3")[0]
     whole = tmp_path / "whole" / "unet.keras"
     uninterrupted = subprocess.Popen(
         [sys.executable, "-c", train_code(), *train_args(tree, whole, 4, *recipe, batch_size=3)],
@@ -486,9 +489,8 @@ def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_image
         result = kill_and_resume(tree, tmp_path / "resumed" / "unet.keras", 4, *recipe)
         resumed = tmp_path / "resumed" / "unet.keras"
     else:  # the notebook's killed run is the one the tests share
-        resumed = killed_copy(killed_runs, tmp_path, "epoch_3", KILL_BEFORE_EPOCH_3,
-                              batch_size=3)[1]
-        result = run_train(train_args(tree, resumed, 4, "--resume", batch_size=3))
+        resumed = killed_copy(killed_runs, tmp_path, "epoch_3")[1]
+        result = run_here(train_args(tree, resumed, 4, "--resume", batch_size=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, stderr = uninterrupted.communicate(timeout=180)
     assert uninterrupted.returncode == 0, stderr[-3000:]
@@ -503,7 +505,7 @@ def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_image
 
 def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, killed_runs,
                                                                         small_images):
-    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup", KILL_MID_BACKUP)
+    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup")
     # Epoch 2's row is written before its (killed) backup.
     assert list(history(model_path)["epoch"]) == [0, 1]
     weights(model_path)  # loadable
@@ -520,7 +522,7 @@ def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, killed_
                                                                small_images):
     """A kill in the middle of the backup's metadata file leaves invalid JSON (here on top of a
     cut weights file): --resume falls back to the previous epoch's copies."""
-    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup", KILL_MID_BACKUP)
+    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup")
     metadata = train.backup_dir(model_path) / "training_metadata.json"
     metadata.write_text(metadata.read_text()[:5])
     result = run_here(train_args(tree, model_path, 4, "--resume"))
@@ -782,35 +784,58 @@ keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, tree,
-                                                                    small_images, sig):
-    model_path = tmp_path / "unet.keras"
-    record = tmp_path / "second.json"
-    hook = SECOND_RUN_THEN_SIGNAL.replace("SECOND", repr(train_code())).replace(
-        "ARGS", repr(json.dumps(train_args(tree, model_path, 4, "--resume"))))
-    result = run_train(train_args(tree, model_path, 4, batch_size=3), hook, record=record,
-                       sig=int(sig))
-    second = types.SimpleNamespace(**json.loads(record.read_text()))
-    assert_one_error_line(second, model_path, "in use by another run",
-                          f"locked: {tmp_path / '.unet.keras.lock'}")
-    assert result.returncode == 128 + sig
-    assert "Traceback" not in result.stderr
-    backup = train.backup_dir(model_path)
-    assert messages(result.stderr) == [f"stopped by {sig.name}: the best model so far is safe "
-                                       f"in {model_path}; `--resume` continues from the last "
-                                       f"finished epoch ({backup})"]
-    weights(model_path)  # loadable
-    # The lock file stays, unlocked: the next run goes on.
-    resumed = run_here(train_args(tree, model_path, 4, "--resume", batch_size=3))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
+def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, small_images):
+    """Two runs at once, one stopped by SIGINT and one by SIGTERM, each after a second run on
+    its model was refused."""
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        folder = tmp_path / sig.name.lower()  # lower case: the hook's SIG is replaced in paths too
+        make_dsb_tree(folder / "stage1_train", n_images=5)
+        model_path, record = folder / "unet.keras", folder / "second.json"
+        tree = folder / "stage1_train"
+        hook = SECOND_RUN_THEN_SIGNAL.replace("SECOND", repr(train_code())).replace(
+            "ARGS", repr(json.dumps(train_args(tree, model_path, 4, "--resume"))))
+        runs[sig] = (tree, model_path, record, start_train(
+            train_args(tree, model_path, 4, batch_size=3), hook, record=record, sig=int(sig)))
+    for sig, (tree, model_path, record, process) in runs.items():
+        result = finished(process)
+        second = types.SimpleNamespace(**json.loads(record.read_text()))
+        assert_one_error_line(second, model_path, "in use by another run",
+                              f"locked: {model_path.parent / '.unet.keras.lock'}")
+        assert result.returncode == 128 + sig
+        assert "Traceback" not in result.stderr
+        backup = train.backup_dir(model_path)
+        assert messages(result.stderr) == [f"stopped by {sig.name}: the best model so far is "
+                                           f"safe in {model_path}; `--resume` continues from the "
+                                           f"last finished epoch ({backup})"]
+        weights(model_path)  # loadable
+        # The lock file stays, unlocked: the next run goes on.
+        resumed = run_here(train_args(tree, model_path, 4, "--resume", batch_size=3))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
 
 
 def test_a_full_disk_while_saving_the_model_is_one_line_and_loses_nothing(tmp_path, tree,
-                                                                          small_images):
+                                                                          small_images,
+                                                                          monkeypatch):
+    """The disk fills up during the second save of a model (epoch 2's better model): half of
+    it is written, then ENOSPC (in this process: no signal is needed)."""
+    import keras
+
     model_path = tmp_path / "unet.keras"
-    result = run_train(train_args(tree, model_path, 3), DISK_FULL_AT_SECOND_SAVE)
+    save, saves = keras.Model.save, []
+
+    def full_disk(self, filepath, *args, **kwargs):
+        saves.append(filepath)
+        if len(saves) == 2:
+            with open(filepath, "wb") as f:
+                f.write(b"PK" + bytes(100000))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    result = run_here(train_args(tree, model_path, 3))
+    monkeypatch.setattr(keras.Model, "save", save)
     assert_one_error_line(result, model_path, "could not be written (No space left on device)")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".unet.keras.lock", "stage1_train", "unet.backup", "unet.history.csv", "unet.keras"]
