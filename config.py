@@ -176,9 +176,11 @@ TILE_MARGIN = 128
 # Images larger than this are read block by block when they are TIFFs (blocks.py), and refused
 # as decompression bombs in other formats; DSB2018's largest is 1040x1388.
 MAX_IMAGE_PIXELS = 64_000_000
-# Blocks of images read block by block (a multiple of TILE), and the pixels around each block
-# segmented with it, so that a clump of nuclei up to this wide is whole in one block.
-BLOCK = 4096
+# Blocks of images read block by block (a multiple of TILE: the tiles, and so the network's
+# work, are the whole image's whatever the block), and the pixels around each block segmented
+# with it, so that a clump of nuclei up to this wide is whole in one block. 4096-pixel blocks
+# peaked at 3.01 GiB on a 400-megapixel image (docs/own_images.md).
+BLOCK = 3072
 BLOCK_OVERLAP = 256
 
 
