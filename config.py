@@ -178,8 +178,8 @@ TILE_MARGIN = 128
 MAX_IMAGE_PIXELS = 64_000_000
 # Blocks of images read block by block (a multiple of TILE: the tiles, and so the network's
 # work, are the whole image's whatever the block), and the pixels around each block segmented
-# with it, so that a clump of nuclei up to this wide is whole in one block. 4096-pixel blocks
-# peaked at 3.01 GiB on a 400-megapixel image (docs/own_images.md).
+# with it, so that a clump of nuclei up to this wide is whole in one block. On a 400-megapixel
+# image 3072-pixel blocks peaked at 2.41 GiB, 4096-pixel ones at 3.01 (docs/own_images.md).
 BLOCK = 3072
 BLOCK_OVERLAP = 256
 
