@@ -66,7 +66,6 @@ class LargeImage:
         array, axes, self.ome = self._open()
         sizes = dict(zip(axes, array.shape))
         self.shape = (sizes["y"], sizes["x"])
-        self.dtype = array.dtype
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
