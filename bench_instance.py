@@ -49,7 +49,7 @@ def stream_rate(train_dir, batches=STREAM_BATCHES):
     recipe = config.RECIPES["instance"]
     with contextlib.redirect_stdout(sys.stderr):
         stream, n_train, _, _ = train.load_instance_data(
-            arguments.Namespace(train_dir=train_dir, seed=config.SEED), recipe)
+            arguments.Namespace(train_dir=train_dir, extra_train_dir=[], seed=config.SEED), recipe)
     batches_of = iter(stream(recipe["batch_size"]))
     first = [next(batches_of) for _ in range(STREAM_WARM_UP)][0]
     _, seconds = timed(lambda: [next(batches_of) for _ in range(batches)])

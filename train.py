@@ -40,6 +40,10 @@ def parse_args(argv):
                                      formatter_class=files.HelpFormatter)
     parser.add_argument("--train-dir", type=Path, default=config.TRAIN_PATH,
                         help="DSB2018 folder of <id>/images and <id>/masks")
+    parser.add_argument("--extra-train-dir", type=Path, action="append", default=[],
+                        metavar="FOLDER",
+                        help="a DSB2018-layout folder whose images all train (none validate), "
+                             "e.g. another acquisition; instance recipe; repeatable")
     parser.add_argument("--recipe", choices=sorted(config.RECIPES), default="notebook",
                         help="notebook: the notebook, bit for bit; instance: native resolution, "
                              "contour outputs and watershed (see config.RECIPES)")
@@ -134,22 +138,30 @@ def load_instance_data(args, recipe):
     the held-out acquisitions' training images are left out."""
     ids = data.list_ids(args.train_dir)
     split = data.split_index(len(ids), args.train_dir)
+    extra_ids = [data.list_ids(folder) for folder in args.extra_train_dir]
     images, labels = data.load_native(args.train_dir, ids)
+    val_images, val_labels = images[split:], labels[split:]
     train = [n for n in range(split) if not data.held_out(images[n], recipe)]
-    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"] and n < split)
-              for n, image in enumerate(images)]
-    kinds = [data.image_kind(images[n]) for n in train]
-    pairs = [crops.centre_crop(x, y, recipe) for x, y in zip(inputs[split:], labels[split:])]
+    images, labels = [images[n] for n in train], [labels[n] for n in train]
+    for folder, folder_ids in zip(args.extra_train_dir, extra_ids):
+        more_images, more_labels = data.load_native(folder, folder_ids)
+        images, labels = images + more_images, labels + more_labels
+    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"])
+              for image in images]
+    kinds = [data.image_kind(image) for image in images]
+    pairs = [crops.centre_crop(data.native_input(image, recipe), y, recipe)
+             for image, y in zip(val_images, val_labels)]
     X_val, Y_val = np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
     held = f", {split - len(train)} held out (--set holdout)" if len(train) < split else ""
-    print(f"{len(train)} training images (random {recipe['crop']}x{recipe['crop']} crops){held} "
-          f"and {len(ids) - split} validation images (centre crops), "
-          f"{sum(int(labels[n].max()) for n in train):,} training nuclei; kinds of training "
+    extra = "".join(f", {len(folder_ids)} from {folder}"
+                    for folder, folder_ids in zip(args.extra_train_dir, extra_ids))
+    print(f"{len(images)} training images (random {recipe['crop']}x{recipe['crop']} crops)"
+          f"{held}{extra} and {len(ids) - split} validation images (centre crops), "
+          f"{sum(int(y.max()) for y in labels):,} training nuclei; kinds of training "
           f"image: " + ", ".join(f"{kinds.count(kind)} {kind}" for kind in data.KINDS))
     return (lambda batch_size: crops.crop_dataset(
-                crops.crop_store([inputs[n] for n in train], [labels[n] for n in train]),
-                kinds, recipe, batch_size, args.seed),
-            len(train), X_val, Y_val)
+                crops.crop_store(inputs, labels), kinds, recipe, batch_size, args.seed),
+            len(images), X_val, Y_val)
 
 
 def code_version():
@@ -185,6 +197,7 @@ def run_record(args, compute, epochs, batch_size, n_train, n_val):
     return {"command": " ".join(["python", "train.py", *sys.argv[1:]]),
             "epochs": epochs, "seed": args.seed, "batch_size": batch_size,
             "policy": compute.policy, "jit": compute.jit, "train_dir": str(args.train_dir),
+            "extra_train_dirs": [str(folder) for folder in args.extra_train_dir],
             "training_images": n_train, "validation_images": n_val,
             "resumed_at_epoch": None, "code": code_version(), "cpu": cpu_name(),
             "machine": platform.machine(), "started": round(time.time())}
@@ -246,6 +259,9 @@ def check_existing_model(model_path, recipe):
 def train(args):
     recipe = config.recipe_with(config.RECIPES[args.recipe], args.set)
     model_path = args.model_path
+    if args.extra_train_dir and config.is_notebook(recipe):
+        raise files.InputError("--extra-train-dir: the notebook recipe trains on its one "
+                               "folder's arrays; use --recipe instance")
     if model_path.suffix != ".keras":
         raise files.InputError(f"{model_path}: the model path must end in .keras")
     if model_path.is_dir():

@@ -170,3 +170,27 @@ def test_blur_is_scipys_gaussian_filter():
         expected = ndimage.gaussian_filter(x[..., 0].astype(np.float64), sigma, mode="reflect")
         np.testing.assert_allclose(crops.intensity_jitter(x, draws).numpy()[..., 0], expected,
                                    rtol=0, atol=1e-6)
+
+
+def test_an_extra_folder_adds_training_images_and_leaves_validation_alone(tmp_path, capsys):
+    import argparse
+
+    import train
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    ids = data.list_ids(SAMPLE_TRAIN)
+    for id_ in ids[:3]:
+        (extra / id_).symlink_to(SAMPLE_TRAIN / id_)
+    options = dict(train_dir=SAMPLE_TRAIN, seed=1)
+    _, n_alone, X_alone, Y_alone = train.load_instance_data(
+        argparse.Namespace(extra_train_dir=[], **options), INSTANCE)
+    _, n_more, X_more, Y_more = train.load_instance_data(
+        argparse.Namespace(extra_train_dir=[extra], **options), INSTANCE)
+    assert (n_alone, n_more) == (data.split_index(len(ids), SAMPLE_TRAIN), n_alone + 3)
+    assert np.array_equal(X_alone, X_more) and np.array_equal(Y_alone, Y_more)
+    assert f", 3 from {extra} and" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--extra-train-dir", str(extra), "--model-path", str(tmp_path / "m.keras")])
+    assert str(stop.value) == ("error: --extra-train-dir: the notebook recipe trains on its one "
+                               "folder's arrays; use --recipe instance")
