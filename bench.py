@@ -56,6 +56,7 @@ import numpy as np
 import bench_instance
 import config
 import data
+import device
 import files
 import train
 from bench_instance import say, timed
@@ -407,24 +408,10 @@ def other_cpu_note(seconds, wall):
 def markdown(train_dir, n_images, others):
     """The rows measured (ROWS) as one Markdown table."""
     lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs "
-             f"({device_name()}).", "",
+             f"({device.cpu_name() or 'CPU unknown'}).", "",
              "| Part | Measurement | Value | Speed-up / rate |", "|---|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ROWS]
     return "\n".join(lines + ["", others])
-
-
-def device_name(cpuinfo="/proc/cpuinfo"):
-    """The CPU's model name and its bfloat16 and AVX-512 flags, as /proc/cpuinfo gives them."""
-    try:
-        with open(cpuinfo) as f:
-            text = f.read()
-    except OSError:
-        return "CPU unknown"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), "CPU unknown")
-    flags = set(text.split())
-    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model}, {' '.join(shown) or 'no AVX2'}"
 
 
 def main(argv=None):

@@ -39,6 +39,21 @@ def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and its AVX-512 and bfloat16 flags, as /proc/cpuinfo gives them
+    (every timing is this CPU's); None where it cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "unknown model")
+    flags = set(text.split())
+    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model}, {' '.join(shown) or 'no AVX2'}"
+
+
 def has_gpu():
     import tensorflow as tf
 

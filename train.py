@@ -180,15 +180,6 @@ def code_version():
     return commit + ("-dirty" if changed else "")
 
 
-def cpu_name(cpuinfo="/proc/cpuinfo"):
-    try:
-        with open(cpuinfo) as f:
-            return next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def run_record(args, compute, epochs, batch_size, n_train, n_val):
     """What the model file records of its training, beside its recipe (checkpoints.TRAINING_MEMBER):
     how it ran and on what; BestCheckpoint adds the epochs run and the best epoch."""
@@ -199,7 +190,7 @@ def run_record(args, compute, epochs, batch_size, n_train, n_val):
             "policy": compute.policy, "jit": compute.jit, "train_dir": str(args.train_dir),
             "extra_train_dirs": [str(folder) for folder in args.extra_train_dir],
             "training_images": n_train, "validation_images": n_val,
-            "resumed_at_epoch": None, "code": code_version(), "cpu": cpu_name(),
+            "resumed_at_epoch": None, "code": code_version(), "cpu": device.cpu_name(),
             "machine": platform.machine(), "started": round(time.time())}
 
 
