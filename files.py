@@ -3,6 +3,7 @@ per model file, clean stops on Ctrl-C and SIGTERM, and the --help layout. Nothin
 images or models."""
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -137,6 +138,36 @@ def exit_stopped(stopped, then):
     name = str(stopped)
     print(f"stopped by {name}: {then}", file=sys.stderr)
     sys.exit(128 + getattr(signal, name))
+
+
+# Argument types of the command lines: a bad value is argparse's one line, naming the flag.
+
+def probability(text):
+    value = float(text)
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a probability strictly between 0 and 1")
+    return value
+
+
+def positive(text):
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
+def natural(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 0")
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

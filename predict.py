@@ -13,7 +13,6 @@ The model file carries its recipe (config.RECIPES); the post-processing follows 
 """
 import argparse
 import contextlib
-import math
 import random
 import sys
 from pathlib import Path
@@ -26,34 +25,7 @@ import device
 import files
 import nuclei
 import pictures
-
-
-def probability(text):
-    value = float(text)
-    if not 0 < value < 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is not a probability strictly between 0 and 1")
-    return value
-
-
-def positive(text):
-    value = float(text)
-    if not 0 < value < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
-    return value
-
-
-def natural(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 0")
-    return value
+import scores
 
 
 def block_size(text):
@@ -85,20 +57,20 @@ def add_own_image_flags(parser):
     own.add_argument("--images", nargs="+", type=Path, metavar="PATH",
                      help="image files and folders (a folder's images, sorted)")
     own.add_argument("--recursive", action="store_true", help="also the folders' sub-folders")
-    own.add_argument("--channel", type=natural, metavar="N",
+    own.add_argument("--channel", type=files.natural, metavar="N",
                      help="the plane that holds the nuclei, for images with more planes than "
                           "grey or RGB(A) (0 is the first)")
-    own.add_argument("--diameter", type=positive, metavar="PIXELS",
+    own.add_argument("--diameter", type=files.positive, metavar="PIXELS",
                      help=f"the nuclei's typical diameter in these images: each is rescaled so "
                           f"that they are {config.NUCLEUS_DIAMETER} pixels (the training "
                           f"images' median), and the nuclei back")
-    own.add_argument("--pixel-size", type=positive, metavar="MICRONS",
+    own.add_argument("--pixel-size", type=files.positive, metavar="MICRONS",
                      help="microns per pixel: measurements in microns too")
     own.add_argument("--block-size", type=block_size, default=config.BLOCK, metavar="PIXELS",
                      help="zarr folders, pyramidal TIFFs and TIFFs over "
                           f"{config.MAX_IMAGE_PIXELS // 10 ** 6} megapixels are segmented in "
                           "blocks of this size (memory per process grows with its square)")
-    own.add_argument("--workers", type=positive_int, metavar="N",
+    own.add_argument("--workers", type=files.positive_int, metavar="N",
                      help="segment on a Dask LocalCluster of N worker processes, each loading "
                           "the model once and using its share of the cores")
     own.add_argument("--scheduler", metavar="ADDRESS",
@@ -130,7 +102,7 @@ def parse_args(argv):
                         help="also score every image of this DSB-layout folder, e.g. TNBC's "
                              "histology: by group (an id up to its last '_', TNBC's slides) and "
                              "over groups; repeatable")
-    parser.add_argument("--threshold", type=probability,
+    parser.add_argument("--threshold", type=files.probability,
                         help="probability above which a pixel is nucleus; default: the recipe's")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"change a post-processing setting of the model's recipe "
@@ -185,74 +157,6 @@ def main(argv=None):
                                     "were")
     if skipped:
         sys.exit(1)
-
-
-TUNED = " - tuned on these images by this run's --tune, so optimistic"
-
-
-def report_scores(scores, kinds, truths, preds, tuned=False):
-    """The competition's score on the validation split, overall and by kind of image."""
-    print(f"\nCompetition score (original resolution, every mask file one nucleus), validation: "
-          f"{np.mean(scores):.4f} ({len(scores)} images, {sum(int(t.max()) for t in truths):,} "
-          f"nuclei, {sum(int(p.max()) for p in preds):,} predicted)" + (TUNED if tuned else ""))
-    for kind in data.KINDS:
-        chosen = [score for score, k in zip(scores, kinds) if k == kind]
-        value = f"{np.mean(chosen):.4f}" if chosen else "-"
-        print(f"  {kind:<13} {len(chosen):>3} images  {value}")
-
-
-def group_weights(groups):
-    """Per-image weights that make each group count once: 1 / (groups x its images)."""
-    return [1 / (len(set(groups)) * groups.count(group)) for group in groups]
-
-
-def report_held_out(scores, groups):
-    """The competition's score on the held-out acquisitions: over images, and over acquisitions
-    (each counts once, so that a large one cannot hide the failure of a rare one)."""
-    print(f"Competition score, held-out acquisitions (trained without them): "
-          f"{np.mean(scores):.4f} over {len(scores)} images, "
-          f"{np.average(scores, weights=group_weights(groups)):.4f} over "
-          f"{len(set(groups))} acquisitions (each counts once)")
-    for group in sorted(set(groups), key=groups.index):
-        chosen = [score for score, g in zip(scores, groups) if g == group]
-        kind, height, width = group
-        print(f"  {kind:<13} {f'{height}x{width}':>9} {len(chosen):>3} images  "
-              f"{np.mean(chosen):.4f}")
-
-
-def image_group(id_):
-    """The group of an image id: up to its last "_" (TNBC's tnbc_<slide>_<n> gives its slide),
-    the whole id where it has none."""
-    return id_.rpartition("_")[0] or id_
-
-
-def report_folder(predictor, folder):
-    """The competition's score on every image of a DSB-layout folder, over images, over groups
-    (image_group; each counts once) and by group."""
-    import metrics
-
-    ids = data.list_ids(folder)
-    images, truths = data.load_native(folder, ids)
-    preds = predictor.nuclei(images)
-    scores = [metrics.competition_score(t, p) for t, p in zip(truths, preds)]
-    groups = [image_group(id_) for id_ in ids]
-    print(f"Competition score, {folder}: {np.mean(scores):.4f} over {len(ids)} images, "
-          f"{np.average(scores, weights=group_weights(groups)):.4f} over {len(set(groups))} "
-          f"groups (each counts once); {sum(int(t.max()) for t in truths):,} nuclei, "
-          f"{sum(int(p.max()) for p in preds):,} predicted")
-    for group in sorted(set(groups)):
-        chosen = [score for score, g in zip(scores, groups) if g == group]
-        print(f"  {group:<20} {len(chosen):>3} images  {np.mean(chosen):.4f}")
-
-
-def held_out_set(train_dir, train_ids, recipe):
-    """(images, label images, acquisitions) of the training images the recipe held out."""
-    if recipe.get("holdout") != "acquisitions":
-        return [], [], []
-    images, _ = data.load_native(train_dir, train_ids, with_labels=False)
-    chosen = [id_ for id_, image in zip(train_ids, images) if data.held_out(image, recipe)]
-    images, truths = data.load_native(train_dir, chosen)
-    return images, truths, [data.acquisition(image) for image in images]
 
 
 def model_recipe(args):
@@ -340,13 +244,13 @@ def score_training_folder(args, predictor, plt, ids, split):
 
     val_images, val_truths = data.load_native(args.train_dir, ids[split:])
     val_probs = predictor.probabilities(val_images)
-    held_images, held_truths, groups = held_out_set(args.train_dir, ids[:split],
-                                                    predictor.recipe)
+    held_images, held_truths, groups = scores.held_out_set(args.train_dir, ids[:split],
+                                                           predictor.recipe)
     held_probs = predictor.probabilities(held_images) if groups else []
     if args.tune:
         tune(args, predictor, val_probs, val_truths)
     val_preds = predictor.nuclei(val_images, probs=val_probs)
-    scores = [metrics.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
+    val_scores = [metrics.competition_score(t, p) for t, p in zip(val_truths, val_preds)]
     rng = random.Random(args.seed)
     ix, iv = rng.randrange(split), rng.randrange(len(ids) - split)
     train_images, train_truths = data.load_native(args.train_dir, [ids[ix]])
@@ -354,29 +258,17 @@ def score_training_folder(args, predictor, plt, ids, split):
                            predictor.nuclei(train_images)[0], f"train: {ids[ix]}",
                            args.out_dir / "train_sample.png")
     pictures.save_triptych(plt, val_images[iv], val_truths[iv], val_preds[iv],
-                           f"validation: {ids[split + iv]}, competition score {scores[iv]:.3f}",
+                           f"validation: {ids[split + iv]}, competition score "
+                           f"{val_scores[iv]:.3f}",
                            args.out_dir / "val_sample.png")
     print(f"\nCompetition score of validation image {ids[split + iv]}:")
     metrics.competition_score(val_truths[iv], val_preds[iv], print_table=True)
-    report_scores(scores, [data.image_kind(image) for image in val_images], val_truths,
-                  val_preds, tuned=args.tune)
+    scores.report_scores(val_scores, [data.image_kind(image) for image in val_images],
+                         val_truths, val_preds, tuned=args.tune)
     if groups:
         held_scores = [metrics.competition_score(t, p) for t, p in
                        zip(held_truths, predictor.nuclei(held_images, probs=held_probs))]
-        report_held_out(held_scores, groups)
-
-
-def notebook_metric(args, predictor, split):
-    """The notebook's own metric at 128x128, for the notebook recipe."""
-    import metrics
-
-    X, Y, _ = data.load_train(args.train_dir,
-                              cache_dir=None if args.no_cache else config.CACHE_DIR)
-    preds = predictor.model.predict(X, verbose=0) > predictor.recipe["threshold"]
-    print(f"Notebook's metric (128x128, connected components of the merged masks): train "
-          f"{metrics.iou_metric_batch(Y[:split], preds[:split]):.4f} ({split} images), "
-          f"validation {metrics.iou_metric_batch(Y[split:], preds[split:]):.4f} "
-          f"({len(X) - split} images)")
+        scores.report_held_out(held_scores, groups)
 
 
 def write_submission(args, predictor, test_ids, solution):
@@ -421,9 +313,9 @@ def predict(args):
     args.out_dir.mkdir(parents=True, exist_ok=True)
     score_training_folder(args, predictor, plt, ids, split)
     for folder in args.score_dir:
-        report_folder(predictor, folder)
+        scores.report_folder(predictor, folder)
     if config.is_notebook(predictor.recipe):
-        notebook_metric(args, predictor, split)
+        scores.notebook_metric(args, predictor, split)
     test_images, test_preds = write_submission(args, predictor, test_ids, solution)
     sheet = pictures.save_pictures(test_images, test_preds, test_ids, args.out_dir)
     if note := data.sample_note(args.train_dir):

@@ -21,13 +21,6 @@ import device
 import files
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
-    return value
-
-
 def seed_value(text):
     value = int(text)
     if not 0 <= value < 2 ** 32:  # NumPy's seeds
@@ -50,8 +43,8 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one recipe setting (a JSON value or a word), "
                              "e.g. --set augment=false")
-    parser.add_argument("--epochs", type=positive_int, help="default: the recipe's")
-    parser.add_argument("--batch-size", type=positive_int,
+    parser.add_argument("--epochs", type=files.positive_int, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=files.positive_int,
                         help="global batch size (split across devices with --distribute); "
                              "default: the recipe's")
     parser.add_argument("--model-path", type=Path, default=config.MODEL_PATH,

@@ -14,6 +14,7 @@ import device
 import imagefiles
 import nuclei
 import predict
+import scores
 from tests.conftest import disc, make_dsb_tree, write_png
 
 SHAPE = (96, 128)
@@ -287,7 +288,7 @@ def test_score_dir_scores_every_image_by_slide(tmp_path, threshold_model, capsys
     predictor = nuclei.Predictor(checkpoints.load_unet(threshold_model),
                                  config.RECIPES["instance"],
                                  device.Compute(False, "float32", "a test"))
-    predict.report_folder(predictor, tree)
+    scores.report_folder(predictor, tree)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"Competition score, {tree}: 1.0000 over 3 images, 1.0000 over 2 groups "
                      "(each counts once); 12 nuclei, 12 predicted",
