@@ -20,7 +20,7 @@ In one run:
    plain graph): the instance recipe's (a batch of the stream) in float32 and, where the CPU has
    it, bfloat16, and the notebook recipe's; and the instance network on one 1024x1024 window as
    predict.py runs it, both ways in both precisions; with the path device.py chooses here
-   (sections 5 and 6, and the own image below, are in bench_instance.py).
+   (sections 3 to 6 are in bench_training.py, the own images below in bench_images.py).
 
 python bench.py --sections stream steps    # only these (the notebook arrays from the cache)
 
@@ -44,7 +44,6 @@ The results are printed as they come and again at the end as a Markdown table fo
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
 import tempfile
@@ -53,17 +52,14 @@ from pathlib import Path
 
 import numpy as np
 
-import bench_instance
+import bench_images
+import bench_training
 import config
 import data
 import device
 import files
-import train
-from bench_instance import say, timed
+from bench_training import OtherCPU, other_cpu_note, say, timed
 
-# Matmul size for the compute bound: large enough to run at the machine's peak.
-MATMUL_N = 4096
-MATMUL_REPEATS = 5
 METRIC_BATCH = 16
 SECTIONS = ("loading", "metric", "bound", "training", "stream", "steps")
 
@@ -109,29 +105,6 @@ def row(part, measurement, value, rate=""):
     """One measurement: printed as it comes, and a row of the table printed at the end."""
     ROWS.append((part, measurement, value, rate))
     say(f"{measurement}: {value}" + (f" ({rate})" if rate else ""))
-
-
-class OtherCPU:
-    """CPU seconds that other processes (not this one's children) used since the start: the
-    timings are only this machine's speed when it stays near 0 (on Linux; None elsewhere)."""
-
-    def __init__(self):
-        self.start = self._others()
-
-    @staticmethod
-    def _others():
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # not idle, iowait
-        own = os.times()
-        return busy - own.user - own.system - own.children_user - own.children_system
-
-    def seconds(self):
-        now = self._others()
-        return None if now is None or self.start is None else max(now - self.start, 0.0)
 
 
 def quiet_load(train_dir, cache_dir):
@@ -256,155 +229,6 @@ def bench_metric(Y):
     return dict(compiled_identical=compiled_identical, identical=identical and per_image_same)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Compute bound
-
-
-def matmul_flops(dtype_name="float32", n=MATMUL_N, repeats=MATMUL_REPEATS):
-    """Best-of-`repeats` FLOP/s of an n x n @ n x n matmul with TensorFlow, after a warm-up."""
-    import tensorflow as tf
-
-    dtype = getattr(tf, dtype_name)
-    a = tf.cast(tf.random.normal((n, n), seed=1), dtype)
-    b = tf.cast(tf.random.normal((n, n), seed=2), dtype)
-
-    @tf.function
-    def step(a, b):
-        # One element out, so that only the matmul's time is measured, not a copy to NumPy.
-        return tf.matmul(a, b)[0, 0]
-
-    step(a, b).numpy()
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(a, b).numpy()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
-def model_flops(model):
-    """Forward FLOPs per image of the model's convolutions (a multiply-add is 2 FLOPs).
-
-    Conv2D: 2*kh*kw*cin*cout*Hout*Wout. Conv2DTranspose: every input pixel is multiplied by the
-    whole kh*kw*cin*cout kernel, 2*kh*kw*cin*cout*Hin*Win (= 2*cin*cout*Hout*Wout for the U-Net's
-    kernel 2, stride 2). Biases, ELU, dropout, pooling, concatenation and the loss are left out
-    (they are O(activations), not O(activations x channels)).
-    """
-    import keras
-
-    total, rows = 0, []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            _, h, w, cin = layer.input.shape
-        elif isinstance(layer, keras.layers.Conv2D):
-            cin = layer.input.shape[-1]
-            _, h, w, _ = layer.output.shape
-        else:
-            continue
-        kh, kw = layer.kernel_size
-        flops = 2 * kh * kw * cin * layer.filters * h * w
-        rows.append((layer.name, flops))
-        total += flops
-    return total, rows
-
-
-def bench_bound():
-    import unet
-
-    say("== 3. Compute bound " + "=" * 64)
-    f32 = matmul_flops("float32")
-    bf16 = matmul_flops("bfloat16")
-    model = unet.build_unet()
-    forward, _ = model_flops(model)
-    train_per_image = 3 * forward
-    bound = f32 / train_per_image
-    matmul = f"TensorFlow matmul {MATMUL_N}x{MATMUL_N}, best of {MATMUL_REPEATS}"
-    row("Bound", f"{matmul}, float32", f"{f32 / 1e9:.1f} GFLOP/s")
-    row("Bound", f"{matmul}, bfloat16", f"{bf16 / 1e9:.1f} GFLOP/s")
-    row("Bound", f"U-Net ({model.count_params():,} parameters) forward FLOPs per image "
-        "(convolutions, multiply-add = 2 FLOPs)", f"{forward / 1e9:.3f} GFLOP")
-    row("Bound", "training FLOPs per image (3 x forward: forward, input and weight gradients)",
-        f"{train_per_image / 1e9:.3f} GFLOP")
-    row("Bound", "compute-bound training speed (float32)", f"{bound:.1f} images/s")
-    return dict(bound=bound)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Training
-
-
-def bench_training(X, Y, train_dir, epochs, bound):
-    import keras
-
-    import unet
-
-    say("== 4. Training " + "=" * 69)
-    split = data.split_index(len(X), train_dir)
-    X_train, Y_train, X_val, Y_val = X[:split], Y[:split], X[split:], Y[split:]
-
-    class EpochTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start, self.validation = time.perf_counter(), None
-
-        def on_test_begin(self, logs=None):
-            self.validation = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            end = time.perf_counter()
-            train_part = (self.validation or end) - self.start
-            logs = dict(logs or {})
-            self.rows.append((end - self.start, train_part, logs))
-            say(f"epoch {epoch + 1}: {end - self.start:6.2f} s (training part "
-                f"{train_part:6.2f} s, {len(X_train) / train_part:5.1f} images/s)  "
-                + "  ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-
-    keras.utils.set_random_seed(config.SEED)
-    model = unet.build_unet()
-    timer = EpochTimer()
-    others = OtherCPU()
-    say(f"unet.build_unet(), batch size {config.BATCH_SIZE}, {len(X_train)} training and "
-        f"{len(X_val)} validation images, {epochs} epochs")
-    model.fit(train.training_dataset(X_train, Y_train.astype("float32"), config.BATCH_SIZE,
-                                     config.SEED),
-              steps_per_epoch=math.ceil(len(X_train) / config.BATCH_SIZE),
-              validation_data=(X_val, Y_val), batch_size=config.BATCH_SIZE, epochs=epochs,
-              shuffle=False, verbose=0, callbacks=[timer])
-    row("Training", f"first epoch (includes tracing), batch {config.BATCH_SIZE}, "
-        f"{len(X_train)} training / {len(X_val)} validation images", f"{timer.rows[0][0]:.2f} s")
-    steady = timer.rows[1:]
-    if steady:
-        epoch_time = float(np.mean([r[0] for r in steady]))
-        train_time = float(np.mean([r[1] for r in steady]))
-        best_train = min(r[1] for r in steady)
-        row("Training", f"steady-state epoch (epochs 2-{len(timer.rows)}, mean), with "
-            "validation", f"{epoch_time:.2f} s", f"{len(X_train) / epoch_time:.1f} images/s")
-        row("Training", "steady-state epoch, training part", f"{train_time:.2f} s",
-            f"{len(X_train) / train_time:.1f} images/s")
-        row("Training", "training speed / compute bound",
-            f"{len(X_train) / train_time / bound:.0%}")
-        row("Training", "fastest steady-state epoch, training part", f"{best_train:.2f} s",
-            f"{len(X_train) / best_train:.1f} images/s")
-    else:
-        say("only one epoch: no steady-state time (the first includes tracing); use --epochs 2+")
-    say(other_cpu_note(others.seconds(), sum(r[0] for r in timer.rows)) + " (training)")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def other_cpu_note(seconds, wall):
-    if seconds is None:
-        return "CPU use by other processes: unknown"
-    note = (f"CPU used by other processes: {seconds:.1f} CPU-seconds in {wall:.0f} s "
-            f"({seconds / wall / os.cpu_count():.0%} of the machine)")
-    return note + (" - the timings are slowed by them" if seconds > 0.05 * wall * os.cpu_count()
-                   else "")
-
-
 def markdown(train_dir, n_images, others):
     """The rows measured (ROWS) as one Markdown table."""
     lines = [f"Benchmark: `{train_dir}`, {n_images} images, {os.cpu_count()} CPUs "
@@ -417,15 +241,15 @@ def markdown(train_dir, n_images, others):
 def main(argv=None):
     args = parse_args(argv)
     if args.make_mosaic:
-        return bench_instance.make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
+        return bench_images.make_mosaic(args.test_dir, args.make_mosaic, args.mosaic_size)
     if args.make_tiffs:
-        return bench_instance.make_tiffs(args.test_dir, args.make_tiffs)
+        return bench_images.make_tiffs(args.test_dir, args.make_tiffs)
     if args.workers_scaling:
-        return bench_instance.bench_workers(args.workers_scaling, args.model_path)
+        return bench_images.bench_workers(args.workers_scaling, args.model_path)
     if args.own_image:
         with files.one_line_warnings():
             try:
-                return bench_instance.bench_own_image(args.own_image, args.model_path)
+                return bench_images.bench_own_image(args.own_image, args.model_path)
             except files.InputError as error:
                 sys.exit(f"error: {error}")
     if args.epochs < 1:
@@ -443,13 +267,13 @@ def main(argv=None):
             metric = bench_metric(Y)
             checks += [metric["identical"], metric["compiled_identical"]]
         if "bound" in sections or "training" in sections:
-            bound = bench_bound()["bound"]
+            bound = bench_training.bench_bound(row)["bound"]
         if "training" in sections:
-            bench_training(X, Y, args.train_dir, args.epochs, bound)
+            bench_training.bench_training(X, Y, args.train_dir, args.epochs, bound, row)
         if "stream" in sections or "steps" in sections:  # the steps train on its batch
-            instance_batch = bench_instance.bench_stream(args.train_dir, row)
+            instance_batch = bench_training.bench_stream(args.train_dir, row)
         if "steps" in sections:
-            bench_instance.bench_steps(X, Y, instance_batch, row)
+            bench_training.bench_steps(X, Y, instance_batch, row)
     except files.InputError as error:
         sys.exit(f"error: {error}")
     note = other_cpu_note(others.seconds(), time.perf_counter() - start) + " (whole run)"
