@@ -1,5 +1,9 @@
 """A fake DSB2018 tree of discs, in the stardist way: exact shapes, known masks."""
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,14 @@ SAMPLE_TRAIN = ROOT / "sample" / "stage1_train"
 SAMPLE_TEST = ROOT / "sample" / "stage1_test"
 # The network's input in the training tests, instead of 128: the same layers, 16x fewer pixels.
 SMALL_SIZE = 32
+
+# XLA's compiled programs (the notebook metric's, the instance step's) kept on disk for the
+# suite's processes, set before TensorFlow starts: each training subprocess would compile the same
+# programs again. A program is found by its fingerprint, so the cache never changes a result.
+XLA_CACHE = tempfile.mkdtemp(prefix="xla-cache-")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("TF_XLA_FLAGS"), f"--tf_xla_persistent_cache_directory={XLA_CACHE}"]))
 
 
 def disc(shape, center, radius):

@@ -3,11 +3,14 @@ model loading, repeatable seeds and one-line command-line errors.
 
 The training runs use a fake DSB tree of a few 64x80 images and a 32x32 network so that a
 subprocess run takes seconds. Runs that must be killed, or that must start fresh, run in a
-subprocess: `python -c` sets the image size, optionally installs a hook (a kill at a chosen
-moment, a pause, a recorder), then calls `train.main`.
+subprocess: `python -c` sets the image size, optionally installs a hook (the process kills itself
+at a chosen moment, or records what it saw), then calls `train.main`. Those runs start in the
+background as the module starts (the `runs` fixture); what needs no real signal runs in this
+process.
 """
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -179,17 +183,6 @@ def run_train(args, hook="", timeout=120, **paths):
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def start_train(args, hook="", **paths):
-    """run_train started, not waited for (finished): two runs at once use both cores."""
-    return subprocess.Popen([sys.executable, "-c", train_code(hook, **paths), *args], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finished(process, timeout=180):
-    stdout, stderr = process.communicate(timeout=timeout)
-    return types.SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr)
-
-
 def run_here(args):
     """train.main(args) in this process (the test's small_images fixture sets the image size),
     with what it prints and its exit status, as run_train gives them: for runs that need no
@@ -233,41 +226,6 @@ def tree(tmp_path):
     return root
 
 
-# The killed runs that tests inspect and continue: {name: (hook, batch size)}, 4 epochs each.
-KILLED_RUNS = {"epoch_3": (KILL_BEFORE_EPOCH_3, 3), "mid_backup": (KILL_MID_BACKUP, 4)}
-
-
-@pytest.fixture(scope="module")
-def killed_runs(tmp_path_factory):
-    """The KILLED_RUNS, made once and all at once (two processes use both cores) when the first
-    is asked for: killed_runs(name) is (train_dir, folder of the killed run); a test works on a
-    copy (killed_copy)."""
-    started, made = {}, {}
-
-    def make(name):
-        if not started:
-            for run, (hook, batch_size) in KILLED_RUNS.items():
-                root = tmp_path_factory.mktemp(run)
-                tree = root / "stage1_train"
-                make_dsb_tree(tree, n_images=5)
-                args = train_args(tree, root / "model" / "unet.keras", 4, batch_size=batch_size)
-                started[run] = tree, root / "model", start_train(args, hook)
-        if name not in made:
-            tree, folder, process = started[name]
-            result = finished(process)
-            assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
-            made[name] = tree, folder
-        return made[name]
-    return make
-
-
-def killed_copy(killed_runs, tmp_path, name):
-    """(train_dir, model path) of a copy of the shared killed run `name`."""
-    tree, folder = killed_runs(name)
-    shutil.copytree(folder, tmp_path / "model")
-    return tree, tmp_path / "model" / "unet.keras"
-
-
 def save_bad_model(path):
     """A U-Net that calls every pixel nucleus (val_loss about 8), saved atomically: a previous
     best that the first trained epoch always beats."""
@@ -280,6 +238,133 @@ def save_bad_model(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoints.save_atomic(model, path)
     return model.get_weights()
+
+
+# The module's training subprocesses, {test: the runs it inspects}: started as the module starts
+# (only those of the selected tests), two at a time in background threads, while the tests run
+# in this process; an in-process test leaves a core idle, and a test waits only for its runs.
+RUNS_OF_TEST = {
+    "test_kill_during_save_keeps_previous_best_and_next_start_removes_partial": ["mid_save"],
+    "test_resume_continues_after_a_kill_and_refuses_to_start_over": ["epoch_3"],
+    "test_a_resumed_run_continues_the_same_run": ["epoch_3", "whole", "whole_instance",
+                                                  "killed_instance"],
+    "test_resume_after_a_kill_during_the_backup_uses_the_previous_backup": ["mid_backup"],
+    "test_resume_after_a_kill_while_writing_the_backup_metadata": ["mid_backup"],
+    "test_same_seed_same_split_and_weights_in_fresh_processes": ["seed_a", "seed_b"],
+    "test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume": ["sigint", "sigterm"],
+}
+INSTANCE = ["--recipe", "instance", "--set", "crop=32"]
+BACKGROUND_TIMEOUT = 300  # seconds a background run may take, sharing the cores with others
+
+# As epoch 3 begins (epochs 1 and 2 finished and backed up, the lock held), the run starts a
+# second run on its model path and records what it said, then sends itself the signal SIG.
+SECOND_RUN_THEN_SIGNAL = """
+import json, keras, subprocess
+def on_epoch_begin(self, epoch, logs=None):
+    if epoch == 2:
+        second = subprocess.run([sys.executable, "-c", SECOND, *json.loads(ARGS)], text=True,
+                                capture_output=True, timeout=120)
+        with open(RECORD, "w") as f:
+            json.dump({"returncode": second.returncode, "stderr": second.stderr}, f)
+        os.kill(os.getpid(), int(SIG))
+keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
+"""
+
+
+def kill_mid_save_then_restart(root, tree):
+    """A run killed while writing its first better model over a previous best, its folder then
+    copied (after_kill), and the next start, killed just after renaming a better model in."""
+    model_path = root / "model" / "unet.keras"
+    first = run_train(train_args(tree, model_path, 2), KILL_MID_SAVE, timeout=BACKGROUND_TIMEOUT)
+    shutil.copytree(root / "model", root / "after_kill")
+    record = root / "partial-at-fit"
+    second = run_train(train_args(tree, model_path, 2), RECORD_PARTIAL + KILL_AFTER_RENAME,
+                       timeout=BACKGROUND_TIMEOUT, model=model_path,
+                       partial=files.partial_path(model_path), record=record)
+    return types.SimpleNamespace(first=first, second=second, model_path=model_path,
+                                 after_kill=root / "after_kill" / "unet.keras", record=record)
+
+
+def second_run_then_signal(folder, sig):
+    """A run that, as epoch 3 begins, has a second run on its model refused, then gets `sig`."""
+    tree, model_path = folder / "stage1_train", folder / "unet.keras"
+    record = folder / "second.json"
+    hook = SECOND_RUN_THEN_SIGNAL.replace("SECOND", repr(train_code())).replace(
+        "ARGS", repr(json.dumps(train_args(tree, model_path, 4, "--resume"))))
+    result = run_train(train_args(tree, model_path, 4, batch_size=3), hook,
+                       timeout=BACKGROUND_TIMEOUT, record=record, sig=int(sig))
+    return types.SimpleNamespace(result=result, tree=tree, model_path=model_path, record=record)
+
+
+def background_runs(root):
+    """{name: a function that makes the run and returns what the tests inspect}; the folders and
+    trees are made here, the previous best of mid_save too (at the tests' image size)."""
+    shared = root / "five" / "stage1_train"  # the killed runs' and the uninterrupted runs'
+    make_dsb_tree(shared, n_images=5)
+    seeds = root / "six" / "stage1_train"  # 5 training images: batches of 2, 2 and 1, shuffled
+    make_dsb_tree(seeds, n_images=6)
+    make_dsb_tree(root / "mid_save" / "stage1_train", n_images=5)
+    save_bad_model(root / "mid_save" / "model" / "unet.keras")
+    shutil.copy(root / "mid_save" / "model" / "unet.keras", root / "mid_save" / "previous.keras")
+    for sig in ("sigint", "sigterm"):  # lower case: the hook's SIG is replaced in paths too
+        make_dsb_tree(root / sig / "stage1_train", n_images=5)
+
+    def train_run(name, epochs, *extra, hook="", tree=shared, batch_size=3, **paths):
+        args = train_args(tree, root / name / "unet.keras", epochs, *extra, batch_size=batch_size)
+        return functools.partial(run_train, args, hook, timeout=BACKGROUND_TIMEOUT, **paths)
+    seed_args = ("--seed", "7")
+    return {
+        "mid_save": functools.partial(kill_mid_save_then_restart, root / "mid_save",
+                                      root / "mid_save" / "stage1_train"),
+        "epoch_3": train_run("epoch_3", 4, hook=KILL_BEFORE_EPOCH_3),
+        "mid_backup": train_run("mid_backup", 4, hook=KILL_MID_BACKUP, batch_size=4),
+        "whole": train_run("whole", 4),
+        "whole_instance": train_run("whole_instance", 4, *INSTANCE),
+        "killed_instance": train_run("killed_instance", 4, *INSTANCE, hook=KILL_BEFORE_EPOCH_3),
+        "seed_a": train_run("seed_a", 1, *seed_args, hook=RECORD_SPLIT, tree=seeds,
+                            batch_size=2, record=root / "seed_a.json"),
+        "seed_b": train_run("seed_b", 1, *seed_args, hook=RECORD_SPLIT, tree=seeds,
+                            batch_size=2, record=root / "seed_b.json"),
+        "sigint": functools.partial(second_run_then_signal, root / "sigint", signal.SIGINT),
+        "sigterm": functools.partial(second_run_then_signal, root / "sigterm", signal.SIGTERM),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, tmp_path_factory):
+    """runs(name): the outcome of the background run `name` (waiting for it), its folder
+    runs.root / name."""
+    selected = {item.originalname for item in request.session.items
+                if item.module is request.module}
+    wanted = list(dict.fromkeys(name for test, names in RUNS_OF_TEST.items()
+                                if test in selected for name in names))
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "IMG_HEIGHT", SIZE)
+        patch.setattr(config, "IMG_WIDTH", SIZE)
+        made = background_runs(root) if wanted else {}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(made[name]) for name in wanted}
+
+    def outcome(name):
+        return futures[name].result(timeout=len(futures) * BACKGROUND_TIMEOUT)
+    outcome.root = root
+    yield outcome
+    pool.shutdown(cancel_futures=True)
+
+
+def killed_run(runs, name):
+    """(train_dir, folder) of the background run `name`, killed as it should have been."""
+    result = runs(name)
+    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
+    return runs.root / "five" / "stage1_train", runs.root / name
+
+
+def killed_copy(runs, tmp_path, name):
+    """(train_dir, model path) of a copy of the killed background run `name`."""
+    tree, folder = killed_run(runs, name)
+    shutil.copytree(folder, tmp_path / "model")
+    return tree, tmp_path / "model" / "unet.keras"
 
 
 # 1. Atomic checkpoints ---------------------------------------------------------------------
@@ -318,32 +403,28 @@ def test_failed_save_leaves_the_previous_best_untouched(tmp_path, small_images, 
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]  # the partial file is gone
 
 
-def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(
-        tmp_path, tree, small_images):
-    model_path = tmp_path / "model" / "unet.keras"
-    partial = files.partial_path(model_path)
-    previous = save_bad_model(model_path)
+def test_kill_during_save_keeps_previous_best_and_next_start_removes_partial(runs, small_images):
+    run = runs("mid_save")
+    previous = weights(runs.root / "mid_save" / "previous.keras")
 
-    # Killed while writing the first better model.
-    result = run_train(train_args(tree, model_path, 2), KILL_MID_SAVE)
+    # Killed while writing the first better model (its folder as the kill left it).
+    result, after_kill = run.first, run.after_kill
     assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
     assert "val_loss improved" in result.stdout
-    assert same_weights(weights(model_path), previous)
+    assert same_weights(weights(after_kill), previous)
+    partial = files.partial_path(after_kill)
     assert partial.exists()  # the half-written file is where a killed save leaves it ...
     assert "damaged" in load_error(partial)  # ... and it is no model
-    assert not train.backup_dir(model_path).exists()  # killed before the epoch's backup
+    assert not train.backup_dir(after_kill).exists()  # killed before the epoch's backup
 
     # The next start removes it before training, trains, and is killed just after renaming a
     # better model in: the new model is complete.
-    record = tmp_path / "partial-at-fit"
-    result = run_train(train_args(tree, model_path, 2), RECORD_PARTIAL + KILL_AFTER_RENAME,
-                       model=model_path, partial=partial, record=record)
+    result, partial = run.second, files.partial_path(run.model_path)
     assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
     assert f"Removing {partial}" in result.stdout
-    assert record.read_text() == "False"
+    assert run.record.read_text() == "False"
     assert not partial.exists()
-    new = weights(model_path)
-    assert not same_weights(new, previous)
+    assert not same_weights(weights(run.model_path), previous)
 
 
 # 2. NaN and infinite losses ----------------------------------------------------------------
@@ -429,12 +510,12 @@ def test_existing_best_is_only_replaced_by_a_better_model(tmp_path, tree, small_
     assert png_path.read_bytes() == b"its curves"
 
 
-def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, killed_runs,
+def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, runs,
                                                                  small_images):
     import checkpoints
 
     # Epochs 1 and 2 of 4, then SIGKILL as epoch 3 begins.
-    tree, model_path = killed_copy(killed_runs, tmp_path, "epoch_3")
+    tree, model_path = killed_copy(runs, tmp_path, "epoch_3")
     csv_path = model_path.with_suffix(".history.csv")
     backup = train.backup_dir(model_path)
     assert list(history(model_path)["epoch"]) == [0, 1]
@@ -464,36 +545,20 @@ def test_resume_continues_after_a_kill_and_refuses_to_start_over(tmp_path, kille
     assert best_loss == pytest.approx(rows["val_loss"].min(), rel=1e-4, abs=1e-5)
 
 
-def kill_and_resume(tree, model_path, epochs, *extra):
-    """A run killed as epoch 3 begins (epoch 2 finished and backed up), then resumed to the
-    end (in this process: a resume needs no signal)."""
-    args = train_args(tree, model_path, epochs, *extra, batch_size=3)
-    result = run_train(args, KILL_BEFORE_EPOCH_3)
-    assert killed(result), result.stdout[-2000:] + result.stderr[-2000:]
-    return run_here(args + ["--resume"])
-
-
-@pytest.mark.parametrize("recipe", [[], ["--recipe", "instance", "--set", "crop=32"]],
-                         ids=["notebook", "instance"])
-def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_images, recipe):
+@pytest.mark.parametrize("recipe", [[], INSTANCE], ids=["notebook", "instance"])
+def test_a_resumed_run_continues_the_same_run(tmp_path, runs, small_images, recipe):
     """Killed after epoch 2 and resumed, a run gives the epochs of an uninterrupted run: the
     same batches in the same order (the input stream resumes where it was) and the same dropout
     masks (their random state is saved with the backup). Two batches an epoch, so that the order
     matters. Tolerance: 1e-6 relative (the same arithmetic in the same order; equal here)."""
-    tree = killed_runs("epoch_3")[0]
-    whole = tmp_path / "whole" / "unet.keras"
-    uninterrupted = subprocess.Popen(
-        [sys.executable, "-c", train_code(), *train_args(tree, whole, 4, *recipe, batch_size=3)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if recipe:
-        result = kill_and_resume(tree, tmp_path / "resumed" / "unet.keras", 4, *recipe)
-        resumed = tmp_path / "resumed" / "unet.keras"
-    else:  # the notebook's killed run is the one the tests share
-        resumed = killed_copy(killed_runs, tmp_path, "epoch_3")[1]
-        result = run_here(train_args(tree, resumed, 4, "--resume", batch_size=3))
+    killed_name, whole_name = ("killed_instance", "whole_instance") if recipe else ("epoch_3",
+                                                                                   "whole")
+    tree, resumed = killed_copy(runs, tmp_path, killed_name)
+    result = run_here(train_args(tree, resumed, 4, *recipe, "--resume", batch_size=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _, stderr = uninterrupted.communicate(timeout=180)
-    assert uninterrupted.returncode == 0, stderr[-3000:]
+    uninterrupted = runs(whole_name)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    whole = runs.root / whole_name / "unet.keras"
     assert "Epoch 3/4" in result.stdout and "Epoch 2/4" not in result.stdout
     a, b = history(whole), history(resumed)
     assert list(a["epoch"]) == list(b["epoch"]) == [0, 1, 2, 3]
@@ -503,9 +568,9 @@ def test_a_resumed_run_continues_the_same_run(tmp_path, killed_runs, small_image
                for x, y in zip(weights(whole), weights(resumed)))
 
 
-def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, killed_runs,
+def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path, runs,
                                                                         small_images):
-    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup")
+    tree, model_path = killed_copy(runs, tmp_path, "mid_backup")
     # Epoch 2's row is written before its (killed) backup.
     assert list(history(model_path)["epoch"]) == [0, 1]
     weights(model_path)  # loadable
@@ -518,11 +583,11 @@ def test_resume_after_a_kill_during_the_backup_uses_the_previous_backup(tmp_path
     assert not train.backup_dir(model_path).exists()
 
 
-def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, killed_runs,
+def test_resume_after_a_kill_while_writing_the_backup_metadata(tmp_path, runs,
                                                                small_images):
     """A kill in the middle of the backup's metadata file leaves invalid JSON (here on top of a
     cut weights file): --resume falls back to the previous epoch's copies."""
-    tree, model_path = killed_copy(killed_runs, tmp_path, "mid_backup")
+    tree, model_path = killed_copy(runs, tmp_path, "mid_backup")
     metadata = train.backup_dir(model_path) / "training_metadata.json"
     metadata.write_text(metadata.read_text()[:5])
     result = run_here(train_args(tree, model_path, 4, "--resume"))
@@ -595,24 +660,19 @@ def test_predict_refuses_a_lambda_model_in_one_line(tmp_path, tree):
 
 # 5. Repeatability ----------------------------------------------------------------------------
 
-def test_same_seed_same_split_and_weights_in_fresh_processes(tmp_path, small_images):
-    train_dir = tmp_path / "stage1_train"
-    make_dsb_tree(train_dir, n_images=6)  # 5 training images: batches of 2, 2 and 1, shuffled
-    processes = {}
-    for name in ("a", "b"):
-        code = train_code(RECORD_SPLIT, record=tmp_path / f"{name}.json")
-        args = train_args(train_dir, tmp_path / name / "unet.keras", 1, "--seed", "7",
-                          batch_size=2)
-        processes[name] = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True)
-    # Meanwhile, another seed in this process: the seed must matter, or equality proves nothing.
+
+def test_same_seed_same_split_and_weights_in_fresh_processes(tmp_path, runs, small_images):
+    """Two fresh processes with seed 7 on 6 images (5 training images: batches of 2, 2 and 1,
+    shuffled) train on the same split to the same weights."""
+    train_dir = runs.root / "six" / "stage1_train"
+    # Another seed in this process: the seed must matter, or equality proves nothing.
     other = tmp_path / "other" / "unet.keras"
     train.main(train_args(train_dir, other, 1, "--seed", "8", batch_size=2))
-    for process in processes.values():
-        _, stderr = process.communicate(timeout=150)
-        assert process.returncode == 0, stderr[-3000:]
-    records = [json.loads((tmp_path / f"{name}.json").read_text()) for name in processes]
+    for name in ("seed_a", "seed_b"):
+        result = runs(name)
+        assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((runs.root / f"{name}.json").read_text())
+               for name in ("seed_a", "seed_b")]
     X, Y, _ = data.load_train(train_dir)
     split = data.split_index(len(X), train_dir)
 
@@ -620,7 +680,7 @@ def test_same_seed_same_split_and_weights_in_fresh_processes(tmp_path, small_ima
         return hashlib.sha256(a.tobytes()).hexdigest()
     assert records[0] == records[1] == {"train": [digest(X[:split]), digest(Y[:split])],
                                         "val": [digest(X[split:]), digest(Y[split:])]}
-    a, b = (tmp_path / name / "unet.keras" for name in processes)
+    a, b = (runs.root / name / "unet.keras" for name in ("seed_a", "seed_b"))
     assert same_weights(weights(a), weights(b))
     assert history(a).equals(history(b))
     assert not same_weights(weights(a), weights(other))
@@ -769,37 +829,14 @@ def test_predict_checks_model_and_out_dir_before_writing(tmp_path, tree, small_i
 
 # 8. Locks, signals and full disks (issue 8) ------------------------------------------------------
 
-# As epoch 3 begins (epochs 1 and 2 finished and backed up, the lock held), the run starts a
-# second run on its model path and records what it said, then sends itself the signal SIG.
-SECOND_RUN_THEN_SIGNAL = """
-import json, keras, subprocess
-def on_epoch_begin(self, epoch, logs=None):
-    if epoch == 2:
-        second = subprocess.run([sys.executable, "-c", SECOND, *json.loads(ARGS)], text=True,
-                                capture_output=True, timeout=120)
-        with open(RECORD, "w") as f:
-            json.dump({"returncode": second.returncode, "stderr": second.stderr}, f)
-        os.kill(os.getpid(), int(SIG))
-keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
-"""
 
-
-def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, small_images):
-    """Two runs at once, one stopped by SIGINT and one by SIGTERM, each after a second run on
-    its model was refused."""
-    runs = {}
+def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(runs, small_images):
+    """Two runs, one stopped by SIGINT and one by SIGTERM, each after a second run on its model
+    was refused."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        folder = tmp_path / sig.name.lower()  # lower case: the hook's SIG is replaced in paths too
-        make_dsb_tree(folder / "stage1_train", n_images=5)
-        model_path, record = folder / "unet.keras", folder / "second.json"
-        tree = folder / "stage1_train"
-        hook = SECOND_RUN_THEN_SIGNAL.replace("SECOND", repr(train_code())).replace(
-            "ARGS", repr(json.dumps(train_args(tree, model_path, 4, "--resume"))))
-        runs[sig] = (tree, model_path, record, start_train(
-            train_args(tree, model_path, 4, batch_size=3), hook, record=record, sig=int(sig)))
-    for sig, (tree, model_path, record, process) in runs.items():
-        result = finished(process)
-        second = types.SimpleNamespace(**json.loads(record.read_text()))
+        run = runs(sig.name.lower())
+        result, model_path = run.result, run.model_path
+        second = types.SimpleNamespace(**json.loads(run.record.read_text()))
         assert_one_error_line(second, model_path, "in use by another run",
                               f"locked: {model_path.parent / '.unet.keras.lock'}")
         assert result.returncode == 128 + sig
@@ -810,7 +847,7 @@ def test_a_second_run_refuses_and_a_stopped_run_says_how_to_resume(tmp_path, sma
                                            f"last finished epoch ({backup})"]
         weights(model_path)  # loadable
         # The lock file stays, unlocked: the next run goes on.
-        resumed = run_here(train_args(tree, model_path, 4, "--resume", batch_size=3))
+        resumed = run_here(train_args(run.tree, model_path, 4, "--resume", batch_size=3))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert list(history(model_path)["epoch"]) == [0, 1, 2, 3]
 
