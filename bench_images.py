@@ -1,7 +1,7 @@
 """Images of one's own, for bench.py: one large image as `predict.py --images` segments it (in
 memory or block by block), the mosaic that makes such an image from the test set, and the scaling
 of `--images` on a Dask LocalCluster (with the folder of 16-bit TIFFs it is measured on)."""
-import contextlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,6 +12,8 @@ import config
 import data
 import imagefiles
 from bench_training import say, timed
+
+ROOT = Path(__file__).resolve().parent
 
 
 def make_mosaic(test_dir, path, size):
@@ -123,7 +125,7 @@ def bench_workers(folder, model_path):
     """The images of `folder` segmented (a) on LocalClusters of one and of two worker
     processes of one thread each (TensorFlow limited to one thread), in images a second once
     every worker has loaded the model; and (b) by `predict.py --images` in one process and with
-    `--workers 2`, in seconds from start to end."""
+    `--workers 2`, each a fresh process, in seconds from start to end."""
     import argparse
     import tempfile
 
@@ -131,7 +133,6 @@ def bench_workers(folder, model_path):
 
     import checkpoints
     import own_images
-    import predict
 
     recipe = checkpoints.read_recipe(model_path)
     images = own_images.image_files([Path(folder)], False)
@@ -156,10 +157,12 @@ def bench_workers(folder, model_path):
     seconds = {}
     for name, extra in (("one process", []), ("--workers 2", ["--workers", "2"])):
         with tempfile.TemporaryDirectory(prefix="bench-workers-") as out:
-            with contextlib.redirect_stdout(sys.stderr):
-                _, seconds[name] = timed(predict.main, ["--images", str(folder), "--model-path",
-                                                        str(model_path), "--out-dir", out,
-                                                        *extra])
-        say(f"predict.py --images, {name}: {seconds[name]:.1f} s for {len(images)} images")
+            # A fresh process, as a user runs it: TensorFlow's start-up and the model included.
+            command = [sys.executable, "predict.py", "--images", str(folder), "--model-path",
+                       str(model_path), "--out-dir", out, *extra]
+            _, seconds[name] = timed(subprocess.run, command, check=True, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        say(f"python predict.py --images, {name}: {seconds[name]:.1f} s for {len(images)} "
+            "images")
     say(f"--workers 2 / one process: {seconds['--workers 2'] / seconds['one process']:.2f}x "
         "the time")

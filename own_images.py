@@ -243,22 +243,34 @@ _WORKER_PREDICTORS = {}
 
 
 def worker_predictor(model_path, recipe, jit, precision, threads):
-    """The Predictor of a Dask worker process; TensorFlow limited to `threads` threads first,
-    so that the workers share the machine's cores."""
+    """The Predictor of a Dask worker process, made once."""
     key = (str(model_path), json.dumps(recipe, sort_keys=True), jit, precision)
     if key not in _WORKER_PREDICTORS:
-        import tensorflow as tf
-
         import checkpoints
         import device
 
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        limit_threads(threads)
         model = checkpoints.load_unet(model_path)
         _WORKER_PREDICTORS[key] = nuclei.Predictor(model, recipe,
                                                    device.prediction_compute(jit, precision))
     return _WORKER_PREDICTORS[key]
+
+
+def limit_threads(threads):
+    """TensorFlow on this Dask worker limited to `threads` threads (None: all), before its first
+    operation, so that the workers share the machine's cores."""
+    import tensorflow as tf
+
+    if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def worker_threads(args):
+    """Each worker's share of this machine's cores with --workers; None on a scheduler's."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None
 
 
 def segment_task(path, name, options, scale, made_by, predictor_args):
@@ -275,46 +287,74 @@ def segment_task(path, name, options, scale, made_by, predictor_args):
         return str(error)
 
 
-def cluster_client(args):
-    """(client, cluster): a Dask client of the scheduler at --scheduler (cluster None), or of a
-    LocalCluster of --workers worker processes, one thread each (TensorFlow gets the cores'
-    share of each), which closes with the client."""
+@contextlib.contextmanager
+def dask_client(args):
+    """A Dask client of the scheduler at --scheduler, or of a LocalCluster of --workers worker
+    processes, one thread each (TensorFlow gets the cores' share of each), closed after the
+    run. Its workers start importing TensorFlow at once."""
+    import importlib
+
     from distributed import Client, LocalCluster
 
     if args.scheduler:
         try:
-            return Client(args.scheduler, timeout="30s"), None
+            client, cluster = Client(args.scheduler, timeout="30s"), None
         except OSError as error:
             raise files.InputError(f"--scheduler {args.scheduler}: cannot connect "
                                    f"({error})") from None
-    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
-    return Client(cluster), cluster
+    else:
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    with cluster or contextlib.nullcontext(), client:
+        # One task a worker, held for the run (a released task may be cancelled).
+        importing = [client.submit(importlib.import_module, "checkpoints", workers=[worker],
+                                   pure=False) for worker in client.scheduler_info()["workers"]]
+        yield client
 
 
-def cluster_results(args, recipe, scale, made_by):
-    """segment_images' results from Dask workers (--workers or --scheduler), as they arrive:
-    every image is a task, retried on another worker if its worker dies, and writes its files
-    into --out-dir (which the workers must see)."""
+def saved_recipe(model_path, threads):
+    """On a Dask worker: checkpoints.load_unet's checks of the model file, then the recipe saved
+    in it; or the one-line reason it cannot be used (returned: a raised one would be logged)."""
+    import checkpoints
+
+    limit_threads(threads)
+    try:
+        checkpoints.load_unet(model_path)
+        return checkpoints.read_recipe(model_path)
+    except files.InputError as error:
+        return str(error)
+
+
+def saved_recipe_on_worker(client, args):
+    """saved_recipe of --model-path, computed by one of the client's workers (this process needs
+    no TensorFlow); an unusable model is a files.InputError here."""
+    saved = client.submit(saved_recipe, args.model_path.resolve(), worker_threads(args),
+                          pure=False).result()
+    if isinstance(saved, str):
+        raise files.InputError(saved)
+    return saved
+
+
+def cluster_results(client, args, recipe, scale, made_by):
+    """segment_images' results from the client's Dask workers, as they arrive: every image is a
+    task, retried on another worker if its worker dies, and writes its files into --out-dir
+    (which the workers must see)."""
     import argparse
-    import os
+
+    from distributed import as_completed
 
     options = argparse.Namespace(out_dir=args.out_dir.resolve(), channel=args.channel,
                                  pixel_size=args.pixel_size, diameter=args.diameter,
                                  block_size=args.block_size)
-    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers else None
-    predictor_args = (args.model_path.resolve(), recipe, args.jit, args.precision, threads)
-
-    client, cluster = cluster_client(args)  # a scheduler that does not answer stops it here
+    predictor_args = (args.model_path.resolve(), recipe, args.jit, args.precision,
+                      worker_threads(args))
 
     def results(todo):
-        from distributed import as_completed
-
-        with cluster or contextlib.nullcontext(), client:
-            futures = [client.submit(segment_task, path.resolve(), name, options, scale,
-                                     made_by, predictor_args, key=f"segment-{made_by}-{name}",
-                                     retries=3)
-                       for path, name in todo]
-            for future in as_completed(futures):
-                yield future.result()
+        futures = [client.submit(segment_task, path.resolve(), name, options, scale, made_by,
+                                 predictor_args, key=f"segment-{made_by}-{name}", retries=3)
+                   for path, name in todo]
+        for future in as_completed(futures):
+            yield future.result()
     return results
+

@@ -160,19 +160,23 @@ def main(argv=None):
 
 
 def model_recipe(args):
-    """--model-path's model (checkpoints.load_unet's checks) and its recipe with --set and
-    --threshold applied, checked against the flags."""
+    """--model-path's model (checkpoints.load_unet's checks) and its recipe_of_flags."""
     import checkpoints  # after the cheap checks: TensorFlow takes seconds to import
 
     model = checkpoints.load_unet(args.model_path)
-    recipe = config.recipe_with(checkpoints.read_recipe(args.model_path), args.set,
-                                config.POST_SETTINGS)
+    return model, recipe_of_flags(args, checkpoints.read_recipe(args.model_path))
+
+
+def recipe_of_flags(args, saved):
+    """The recipe saved in the model, with --set and --threshold applied, checked against the
+    flags."""
+    recipe = config.recipe_with(saved, args.set, config.POST_SETTINGS)
     if args.threshold is not None:
         recipe["threshold"] = args.threshold
     if args.images and args.diameter and config.is_notebook(recipe):
         raise files.InputError(f"{args.model_path}: --diameter needs a model of native "
                                "resolution (the notebook recipe shrinks every image to 128x128)")
-    return model, recipe
+    return recipe
 
 
 def load_predictor(args):
@@ -187,21 +191,23 @@ def load_predictor(args):
 
 def segment_images(args):
     """--images, in this process or (--workers, --scheduler) on a Dask cluster, after the checks
-    that need no model."""
+    that need no model. On a cluster the model is checked by a worker: this process never
+    imports TensorFlow, and the workers start theirs at once."""
     import own_images
 
     files.check_output_folder(args.out_dir, "--out-dir")
     images = own_images.image_files(args.images, args.recursive)
     scale = config.NUCLEUS_DIAMETER / args.diameter if args.diameter else 1.0
-    if args.workers or args.scheduler:
-        recipe = model_recipe(args)[1]
-        made_by = own_images.fingerprint(args.model_path, recipe, args)
-        results = own_images.cluster_results(args, recipe, scale, made_by)
-    else:
+    if not (args.workers or args.scheduler):
         predictor = load_predictor(args)
         made_by = own_images.fingerprint(args.model_path, predictor.recipe, args)
         results = own_images.local_results(predictor, args, scale, made_by)
-    return own_images.segment_images(args, images, made_by, results)
+        return own_images.segment_images(args, images, made_by, results)
+    with own_images.dask_client(args) as client:
+        recipe = recipe_of_flags(args, own_images.saved_recipe_on_worker(client, args))
+        made_by = own_images.fingerprint(args.model_path, recipe, args)
+        results = own_images.cluster_results(client, args, recipe, scale, made_by)
+        return own_images.segment_images(args, images, made_by, results)
 
 
 def pyplot(show):

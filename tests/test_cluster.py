@@ -60,14 +60,15 @@ def test_a_local_cluster_gives_the_single_process_outputs(tmp_path, threshold_mo
 
 
 class KillFirstTask(distributed.WorkerPlugin):
-    """The first worker to start a task dies at once (SIGKILL), once: its nanny starts a new
-    worker and the scheduler gives the task to a worker again."""
+    """The first worker to start an image's task dies at once (SIGKILL), once: its nanny starts
+    a new worker and the scheduler gives the task to a worker again. (The model's check, the
+    run's first task, is left alone: the death is mid-run.)"""
 
     def __init__(self, marker):
         self.marker = str(marker)
 
     def transition(self, key, start, finish, **kwargs):
-        if finish == "executing":
+        if finish == "executing" and str(key).startswith("segment-"):
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
             except FileExistsError:
@@ -91,3 +92,15 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, threshold_model, capsys
     assert tifffile.imread(tmp_path / "two" / "labels" / "0.tif").max() == 4
     assert np.array_equal(tifffile.imread(tmp_path / "two" / "labels" / "3.tif") > 0,
                           discs(centres=[(c[0], c[1] + 12) for c in CENTRES]) > 100)
+
+
+def test_a_model_the_workers_cannot_load_is_one_line_and_no_output(tmp_path, capsys):
+    """The model is checked by a worker (the client imports no TensorFlow): its reason comes
+    back as the one line of any bad model, before any image is done."""
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
+    folder_of_images(tmp_path / "in")
+    assert run(bad, [tmp_path / "in"], "--out-dir", tmp_path / "out", "--workers", "1") == (
+        f"error: {bad}: damaged model file (not a .keras archive); retrain or restore it")
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out" / "labels").exists()
