@@ -48,56 +48,56 @@ def make_mosaic(test_dir, path, size):
 
 
 def bench_own_image(path, model_path):
-    """Seconds per megapixel for one image as `predict.py --images` segments it, nuclei found,
-    and the peak resident memory of this process (Linux reports it in KiB): in memory, the
-    network and the post-processing apart; block by block (blocks.is_block_wise), the whole of
-    blocks.segment_large, reading and writing included."""
-    import resource
-
-    import blocks
-    import checkpoints
-    import device
-    import nuclei
-
-    model, recipe = checkpoints.load_unet(model_path), checkpoints.read_recipe(model_path)
-    compute = device.prediction_compute("auto")
-    say(f"Prediction: {compute.describe()}")
-    if blocks.is_block_wise(path):
-        return bench_block_wise(path, nuclei.Predictor(model, recipe, compute))
-    started = time.perf_counter()
-    pixels = imagefiles.read_pixels(path)
-    image = imagefiles.scaled_image(pixels)
-    read = time.perf_counter() - started
-    x = data.native_input(image, recipe)
-    prob, network = timed(nuclei.predict_tiled, nuclei.Network(model, compute), x, recipe["tta"])
-    labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], recipe)
-    megapixels = image.shape[0] * image.shape[1] / 1e6
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    say(f"{path}: {image.shape[1]}x{image.shape[0]} ({megapixels:.1f} MP), {labels.max():,} "
-        f"nuclei; reading {read:.1f} s, network {network:.1f} s ({network / megapixels:.2f} "
-        f"s/MP, tta={recipe['tta']}), post-processing {post:.1f} s ({post / megapixels:.2f} "
-        f"s/MP), together {(network + post) / megapixels:.2f} s/MP; peak memory {peak:.2f} GB")
-
-
-def bench_block_wise(path, predictor):
+    """Seconds per megapixel for one image as `predict.py --images` segments it (own_images.
+    segment_one: reading, the network, the nuclei, their measurements, the label image and the
+    overlay), in memory or block by block (blocks.is_block_wise) alike, nuclei found, and the
+    peak resident memory of this process (Linux reports it in KiB); in memory, also the network
+    and the post-processing apart."""
     import argparse
     import resource
     import tempfile
 
     import blocks
+    import checkpoints
+    import device
+    import nuclei
+    import own_images
 
-    with tempfile.TemporaryDirectory(prefix="bench-blocks-") as out:
-        outputs = {"zarr": Path(out) / "labels.zarr", "labels": Path(out) / "labels.tif"}
-        options = argparse.Namespace(channel=None, diameter=None, pixel_size=None)
-        (shape, count, _, cut, _, _), seconds = timed(
-            blocks.segment_large, lambda: predictor, predictor.recipe, path, outputs, options)
-    megapixels = shape[0] * shape[1] / 1e6
+    model, recipe = checkpoints.load_unet(model_path), checkpoints.read_recipe(model_path)
+    compute = device.prediction_compute("auto")
+    say(f"Prediction: {compute.describe()}")
+    predictor = nuclei.Predictor(model, recipe, compute)
+    block_wise = blocks.is_block_wise(path)
+    if not block_wise:
+        network_and_post_processing(path, predictor)
+    options = argparse.Namespace(channel=None, diameter=None, pixel_size=None,
+                                 block_size=config.BLOCK)
+    with tempfile.TemporaryDirectory(prefix="bench-own-image-") as out:
+        own_images.make_output_folders(Path(out))
+        (summary, _), seconds = timed(own_images.segment_one, predictor, Path(path), "image",
+                                      Path(out), 1.0, options, "bench")
+    megapixels = summary["height"] * summary["width"] / 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    say(f"{path}: {shape[1]}x{shape[0]} ({megapixels:.1f} MP), block by block "
-        f"({config.BLOCK}-pixel blocks, {config.BLOCK_OVERLAP} overlap), {count:,} nuclei, "
-        f"{cut} clumps cut; {seconds:.1f} s, {seconds / megapixels:.2f} s/MP (reading, "
-        f"network with tta={predictor.recipe['tta']}, post-processing and writing); peak "
-        f"memory {peak:.2f} GB")
+    way = (f"block by block ({config.BLOCK}-pixel blocks, {config.BLOCK_OVERLAP} overlap, "
+           f"{summary['clumps_cut']} clumps cut)" if block_wise else "in memory")
+    say(f"{path}: {summary['width']}x{summary['height']} ({megapixels:.1f} MP), {way}, "
+        f"{summary['nuclei']:,} nuclei; predict.py --images' whole work (reading, network with "
+        f"tta={recipe['tta']}, nuclei, measurements, label image, overlay) {seconds:.1f} s, "
+        f"{seconds / megapixels:.2f} s/MP; peak memory {peak:.2f} GB")
+
+
+def network_and_post_processing(path, predictor):
+    """The in-memory path's network and post-processing of one image, timed apart."""
+    import nuclei
+
+    pixels = imagefiles.read_pixels(path)
+    image = imagefiles.scaled_image(pixels)
+    x = data.native_input(image, predictor.recipe)
+    prob, network = timed(nuclei.predict_tiled, predictor.network, x, predictor.recipe["tta"])
+    labels, post = timed(nuclei.nuclei_labels, prob, image.shape[:2], predictor.recipe)
+    megapixels = image.shape[0] * image.shape[1] / 1e6
+    say(f"{path}: network {network:.1f} s ({network / megapixels:.2f} s/MP), post-processing "
+        f"{post:.1f} s ({post / megapixels:.2f} s/MP), {labels.max():,} nuclei")
 
 
 def make_tiffs(test_dir, folder):

@@ -76,6 +76,12 @@ def image_outputs(out_dir, name):
             "summary": out_dir / "measurements" / f"{name}.json"}
 
 
+def make_output_folders(out_dir):
+    """The folders of image_outputs."""
+    for path in image_outputs(out_dir, "any").values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def fingerprint(model_path, recipe, args):
     """What made an image's outputs: the model file's SHA-256, the recipe as applied (--set and
     --threshold included) and the flags that change the nuclei or their measurements."""
@@ -203,8 +209,7 @@ def segment_images(args, images, made_by, results):
     read), the tables appended here. Returns the number of files that could not be read."""
     from tqdm import tqdm
 
-    for folder in ("labels", "overlays", "measurements"):
-        (args.out_dir / folder).mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out_dir)
     names = [name for _, name in images]
     done = [] if args.overwrite else [
         name for name in names if is_done(image_outputs(args.out_dir, name), made_by)]
@@ -307,10 +312,11 @@ def dask_client(args):
                                dashboard_address=None)
         client = Client(cluster)
     with cluster or contextlib.nullcontext(), client:
-        # One task a worker, held for the run (a released task may be cancelled).
+        # One task a worker, held until the run is over (a released task may be cancelled).
         importing = [client.submit(importlib.import_module, "checkpoints", workers=[worker],
                                    pure=False) for worker in client.scheduler_info()["workers"]]
         yield client
+        client.cancel(importing)
 
 
 def saved_recipe(model_path, threads):
