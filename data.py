@@ -1,4 +1,5 @@
-"""Loading DSB2018 folders into the notebook's arrays.
+"""DSB2018 folders in: the notebook's arrays and their cache, the full-size images and their label
+images, the kinds of image and the held-out acquisitions, and the instance recipe's network input.
 
 A DSB2018 folder holds one sub-folder per image id: `<id>/images/<id>.png` and, for training
 data, one PNG per nucleus in `<id>/masks/`. The arrays are the notebook's, bit for bit:
@@ -18,9 +19,9 @@ Two things keep it that way on today's stack and make it fast:
   image instead of once per mask. Files are decoded on all cores (Pillow and zlib release the
   GIL), and the arrays are cached, keyed by the folder's files and the settings.
 
-TensorFlow is imported only inside the functions of the instance recipe's training stream
-(crop_store, training_crop and its parts, instance_targets_tf), so that the data tests and
-`--help` stay fast.
+At full size (`load_native`, for the competition's score and the instance recipe), each mask
+file is one nucleus of a label image; `image_kind` and `acquisition` name what an image is, and
+`native_input` makes the instance recipe's grey, scaled input of any image. No TensorFlow here.
 """
 import hashlib
 import os
