@@ -58,6 +58,17 @@ def make_dsb_tree(root, n_images=4, shape=(64, 80), masks=True):
     return ids
 
 
+def pytest_collection_finish(session):
+    """The recovery tests' training subprocesses start as soon as the tests are collected, in
+    the background (test_recovery.BackgroundRuns), to run while the modules before it run."""
+    tests = {item.originalname for item in session.items
+             if getattr(item, "module", None) and item.module.__name__ == "tests.test_recovery"}
+    if tests and not session.config.option.collectonly:
+        from tests import test_recovery
+
+        test_recovery.start_runs(tests)
+
+
 @pytest.fixture(autouse=True)
 def sample_defaults(monkeypatch):
     """The scripts' data defaults as on a fresh clone, whether or not data/ has been fetched."""

@@ -5,8 +5,8 @@ The training runs use a fake DSB tree of a few 64x80 images and a 32x32 network 
 subprocess run takes seconds. Runs that must be killed, or that must start fresh, run in a
 subprocess: `python -c` sets the image size, optionally installs a hook (the process kills itself
 at a chosen moment, or records what it saw), then calls `train.main`. Those runs start in the
-background as the module starts (the `runs` fixture); what needs no real signal runs in this
-process.
+background as soon as the session's tests are collected (BackgroundRuns); what needs no real
+signal runs in this process.
 """
 import contextlib
 import errno
@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import types
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -240,9 +241,7 @@ def save_bad_model(path):
     return model.get_weights()
 
 
-# The module's training subprocesses, {test: the runs it inspects}: started as the module starts
-# (only those of the selected tests), two at a time in background threads, while the tests run
-# in this process; an in-process test leaves a core idle, and a test waits only for its runs.
+# The module's training subprocesses, {test: the runs it inspects} (BackgroundRuns).
 RUNS_OF_TEST = {
     "test_kill_during_save_keeps_previous_best_and_next_start_removes_partial": ["mid_save"],
     "test_resume_continues_after_a_kill_and_refuses_to_start_over": ["epoch_3"],
@@ -272,9 +271,15 @@ keras.callbacks.TerminateOnNaN.on_epoch_begin = on_epoch_begin
 
 
 def kill_mid_save_then_restart(root, tree):
-    """A run killed while writing its first better model over a previous best, its folder then
-    copied (after_kill), and the next start, killed just after renaming a better model in."""
+    """A previous best; a run killed while writing its first better model over it, its folder
+    then copied (after_kill); and the next start, killed just after renaming a better model in."""
     model_path = root / "model" / "unet.keras"
+    # The previous best, made in a process of its own (in this one the tests build models).
+    subprocess.run([sys.executable, "-c", PRELUDE + "from pathlib import Path\n"
+                    "from tests.test_recovery import save_bad_model\n"
+                    f"save_bad_model(Path({str(model_path)!r}))\n"],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=BACKGROUND_TIMEOUT)
+    shutil.copy(model_path, root / "previous.keras")
     first = run_train(train_args(tree, model_path, 2), KILL_MID_SAVE, timeout=BACKGROUND_TIMEOUT)
     shutil.copytree(root / "model", root / "after_kill")
     record = root / "partial-at-fit"
@@ -298,14 +303,12 @@ def second_run_then_signal(folder, sig):
 
 def background_runs(root):
     """{name: a function that makes the run and returns what the tests inspect}; the folders and
-    trees are made here, the previous best of mid_save too (at the tests' image size)."""
+    trees are made here (no TensorFlow: this runs as the tests are collected)."""
     shared = root / "five" / "stage1_train"  # the killed runs' and the uninterrupted runs'
     make_dsb_tree(shared, n_images=5)
     seeds = root / "six" / "stage1_train"  # 5 training images: batches of 2, 2 and 1, shuffled
     make_dsb_tree(seeds, n_images=6)
     make_dsb_tree(root / "mid_save" / "stage1_train", n_images=5)
-    save_bad_model(root / "mid_save" / "model" / "unet.keras")
-    shutil.copy(root / "mid_save" / "model" / "unet.keras", root / "mid_save" / "previous.keras")
     for sig in ("sigint", "sigterm"):  # lower case: the hook's SIG is replaced in paths too
         make_dsb_tree(root / sig / "stage1_train", n_images=5)
 
@@ -330,27 +333,48 @@ def background_runs(root):
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runs(request, tmp_path_factory):
-    """runs(name): the outcome of the background run `name` (waiting for it), its folder
-    runs.root / name."""
-    selected = {item.originalname for item in request.session.items
-                if item.module is request.module}
-    wanted = list(dict.fromkeys(name for test, names in RUNS_OF_TEST.items()
-                                if test in selected for name in names))
-    root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(config, "IMG_HEIGHT", SIZE)
-        patch.setattr(config, "IMG_WIDTH", SIZE)
-        made = background_runs(root) if wanted else {}
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(made[name]) for name in wanted}
+class BackgroundRuns:
+    """The training subprocesses the selected tests of this module inspect, started by
+    conftest.py once the session's tests are collected, one at a time in a background thread:
+    they run while the earlier modules' tests run in the main process, which mostly leave one of
+    the two cores idle. runs(name) is the outcome of the run `name` (waiting for it), made in
+    the folder runs.root / name."""
 
-    def outcome(name):
-        return futures[name].result(timeout=len(futures) * BACKGROUND_TIMEOUT)
-    outcome.root = root
-    yield outcome
-    pool.shutdown(cancel_futures=True)
+    def __init__(self, tests):
+        wanted = list(dict.fromkeys(name for test, names in RUNS_OF_TEST.items()
+                                    if test in tests for name in names))
+        self.root = Path(tempfile.mkdtemp(prefix="recovery-runs-"))
+        made = background_runs(self.root) if wanted else {}
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.futures = {name: self.pool.submit(made[name]) for name in wanted}
+
+    def __call__(self, name):
+        return self.futures[name].result(timeout=len(self.futures) * BACKGROUND_TIMEOUT)
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+STARTED = []  # the session's BackgroundRuns, once started
+
+
+def start_runs(tests):
+    """The session's BackgroundRuns for the selected `tests` (names), started on the first
+    call."""
+    if not STARTED:
+        STARTED.append(BackgroundRuns(tests))
+    return STARTED[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request):
+    """The BackgroundRuns of this module's selected tests (started by conftest.py's collection
+    hook, or here)."""
+    background = start_runs({item.originalname for item in request.session.items
+                             if item.module is request.module})
+    yield background
+    background.close()
 
 
 def killed_run(runs, name):
