@@ -117,8 +117,7 @@ def _resize_axis(top, window, size, length, bilinear):
 def crop_draws(store, n, seed, recipe):
     """Every random number of one training crop of image n of a crop_store (training_crop),
     from `seed` (two int64) alone, in plain TensorFlow operations: the window's size and place,
-    the stain weights (Gamma draws, which XLA cannot compile), the turn and flip, and the
-    intensity changes (intensity_draws)."""
+    the turn and flip, and the intensity changes (intensity_draws)."""
     import tensorflow as tf
 
     seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12)))
@@ -135,10 +134,6 @@ def crop_draws(store, n, seed, recipe):
              "left": tf.random.stateless_uniform(
                  [], next(seeds), 0, tf.maximum(width, window) - window + 1, tf.int64)}
     channels = store["pixels"].shape[1]
-    if recipe.get("stain_augment"):
-        # Dirichlet weights: independent Gamma draws, normalised.
-        draws["mix"] = tf.random.stateless_gamma([channels], next(seeds), STAIN_CONCENTRATION)
-        channels = 1
     if recipe["augment"]:
         draws["turns"] = tf.random.stateless_uniform([], next(seeds), 0, 4, tf.int32)
         draws["flip"] = tf.random.stateless_uniform([], next(seeds), 0, 2, tf.int32) > 0
@@ -155,8 +150,7 @@ def crop_pixels(store, draws, size):
     number of its own: a random square window (the image reflect-padded at the bottom and
     right when smaller), rescaled to `size` (nucleus sizes differ several-fold between kinds of
     image; bilinear for the input, nearest neighbour for the labels), with
-    `stain_augment` the input's three channels mixed into grey (a stain or a camera that
-    renders nuclei differently), turned and flipped; then intensity_jitter, or (augment
+    turned and flipped; then intensity_jitter, or (augment
     without intensity_augment) brightness and contrast: as the draws hold them. Returns
     float32 (S, S, C) and the int32 (S, S) label crop, whose instance_targets_tf are the
     targets."""
@@ -182,9 +176,6 @@ def crop_pixels(store, draws, size):
           + gather(store["pixels"], row0, col1) * right) * (1 - down)
          + (gather(store["pixels"], row1, col0) * (1 - right)
             + gather(store["pixels"], row1, col1) * right) * down)
-    if "mix" in draws:
-        mix = draws["mix"]
-        x = tf.reduce_sum(x * mix / tf.reduce_sum(mix), axis=2, keepdims=True)
     if "turns" in draws:
         turns, flip = draws["turns"], draws["flip"]
         x, labels = tf.image.rot90(x, turns), tf.image.rot90(labels[..., None], turns)[..., 0]
@@ -218,9 +209,6 @@ def training_crop(store, n, seed, recipe):
     return _compiled_crop(recipe["crop"])(store, crop_draws(store, n, seed, recipe))
 
 
-# Stain mixing weights come from a Dirichlet distribution with this concentration per channel:
-# 4 keeps them around a third each (the grey input), at times one channel twice the others.
-STAIN_CONCENTRATION = 4.0
 # Blur's largest sigma, and SciPy's gaussian_filter's reach: the kernel is cut at 4 sigmas.
 MAX_BLUR = 1.5
 BLUR_RADIUS = int(4 * MAX_BLUR + 0.5)

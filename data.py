@@ -337,18 +337,13 @@ def _oriented(image, recipe, invert):
     return x.mean(axis=2, keepdims=True) if recipe["input"] == "grey_native" else x
 
 
-def native_input(image, recipe, scaling=None, channels=False):
+def native_input(image, recipe, scaling=None):
     """The network's input for a full-size image, float32 (H, W, 1 or 3): inverted when the
     background is bright (bright-field, histology) so that nuclei are bright on dark as in
     fluorescence, then scaled so that the 1st and 99.8th percentiles are 0 and 1 (input_scaling;
     or the `scaling` given, the whole image's for a block of it). `grey_native` averages the
-    channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm). With
-    `channels`, a `grey_native` input comes as its three channels, each scaled as the grey is
-    (their mean is the grey input), for training_crop's stain augmentation to mix."""
-    if channels:
-        scaling = scaling or input_scaling(image, recipe)
-        x = _oriented(image, {**recipe, "input": "rgb_native"}, scaling[0])
-    elif scaling is None:
+    channels; `rgb_native` keeps the colour (stains tell nuclei from cytoplasm)."""
+    if scaling is None:
         x, scaling = _oriented_and_scaling(image, recipe)
     else:
         x = _oriented(image, recipe, scaling[0])

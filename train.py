@@ -139,8 +139,7 @@ def load_instance_data(args, recipe):
     for folder, folder_ids in zip(args.extra_train_dir, extra_ids):
         more_images, more_labels = data.load_native(folder, folder_ids)
         images, labels = images + more_images, labels + more_labels
-    inputs = [data.native_input(image, recipe, channels=recipe["stain_augment"])
-              for image in images]
+    inputs = [data.native_input(image, recipe) for image in images]
     kinds = [data.image_kind(image) for image in images]
     pairs = [crops.centre_crop(data.native_input(image, recipe), y, recipe)
              for image, y in zip(val_images, val_labels)]
@@ -230,9 +229,9 @@ def check_existing_model(model_path, recipe):
     one of ours (checkpoints.load_unet's checks) and of this run's recipe."""
     import checkpoints
 
-    saved = checkpoints.read_recipe(model_path)
+    saved = {**config.RETIRED_SETTINGS, **checkpoints.read_recipe(model_path)}
     differ = [f"{key}={json.dumps(saved.get(key))} there, {json.dumps(value)} here"
-              for key, value in recipe.items()
+              for key, value in {**config.RETIRED_SETTINGS, **recipe}.items()
               if key not in config.POST_SETTINGS and saved.get(key) != value]
     if differ:
         raise files.InputError(f"{model_path}: trained with other settings ({'; '.join(differ)}); "

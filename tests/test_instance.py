@@ -225,6 +225,16 @@ def test_tiny_instance_run_end_to_end(tmp_path, capsys):
                     "--model-path", str(model_path), "--train-dir", str(SAMPLE_TRAIN)])
     assert str(stop.value) == (f"error: {model_path}: trained with other settings (augment=true "
                                "there, false here); choose another --model-path or move it")
+    # A model trained with a setting the recipes no longer have (config.RETIRED_SETTINGS).
+    stained = tmp_path / "stained.keras"
+    with zipfile.ZipFile(model_path) as old, zipfile.ZipFile(stained, "w") as new:
+        for member in old.namelist():
+            new.writestr(member, json.dumps({**recipe, "stain_augment": True})
+                         if member == checkpoints.RECIPE_MEMBER else old.read(member))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--recipe", "instance", "--set", "crop=64", "--model-path", str(stained),
+                    "--train-dir", str(SAMPLE_TRAIN)])
+    assert "(stain_augment=true there, false here)" in str(stop.value)
 
     out_dir = tmp_path / "out"
     capsys.readouterr()
