@@ -157,14 +157,16 @@ def load_instance_data(args, recipe):
 
 
 def code_version():
-    """The commit of the code that runs, with "-dirty" when files differ from it; None outside
-    a git checkout."""
+    """The commit of the code that runs, with "-dirty" when files differ from it (the shipped
+    model under models/ is not code: it is moved away to be trained again); None outside a git
+    checkout."""
     import subprocess
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.ROOT, text=True,
                                 capture_output=True, timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                  ".", ":!models"],
                                  cwd=config.ROOT, text=True, capture_output=True, timeout=10,
                                  check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
