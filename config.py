@@ -86,6 +86,9 @@ RECIPES = {
         # No dropout: this small network underfits 30 minutes of crops rather than overfits, and
         # dropout's random numbers took a third of each step (see the README's table).
         "dropout": False,
+        # c1's filters (the notebook's 16); every level of the U-Net widens in proportion, and
+        # the step's work with the square of it.
+        "filters": 16,
         "crop": 256,             # training crops; whole images at prediction, padded to x16
         "augment": True,         # flips, 90-degree turns, rescaling, brightness and contrast
         # Gamma, blur, noise, a background gradient, wider contrast (crops.intensity_jitter).
@@ -128,7 +131,7 @@ def is_notebook(recipe):
 # Settings added to the recipes after models were saved with them: the value a model saved
 # without the setting was trained with.
 RECIPE_DEFAULTS = {"dropout": True, "holdout": "none", "intensity_augment": False,
-                   "rescale": "none", "scales": [1.0], "gap_weight": 1.0}
+                   "rescale": "none", "scales": [1.0], "gap_weight": 1.0, "filters": 16}
 # Settings the recipes no longer have, and the value the code now always trains with: a model
 # saved with another value was trained otherwise, and train.py does not continue it. The stain
 # augmentation lost on 40-epoch runs of two seeds (docs/instance.md).
@@ -220,6 +223,10 @@ def recipe_with(recipe, settings, allowed=None):
             recipe["loss"] == "bce_dice" and recipe["outputs"] == 3 and recipe["gap_weight"] > 0):
         raise InputError(f"--set gap_weight={recipe['gap_weight']}: a positive weight of the gap "
                          f"target, for loss=bce_dice with outputs=3")
+    filters = recipe.get("filters", 16)
+    if type(filters) is not int or not 4 <= filters <= 64 or filters % 4:
+        raise InputError(f"--set filters={json.dumps(filters)}: c1's filters, a multiple of 4 "
+                         f"from 4 to 64 (the notebook's 16)")
     if recipe.get("rescale") == "auto" and is_notebook(recipe):
         raise InputError("--set rescale=auto: the notebook recipe shrinks every image to "
                          "128x128, so there is no nucleus size to match")

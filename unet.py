@@ -16,6 +16,11 @@ BOTTOM = (256, 0.3)
 UP = [(128, 0.2), (64, 0.2), (32, 0.1), (16, 0.1)]
 
 
+def widened(blocks, filters):
+    """`blocks` with c1's filters `filters` instead of the notebook's 16, every level in the same
+    proportion (each level down doubles them)."""
+    return [(f * filters // DOWN[0][0], dropout) for f, dropout in blocks]
+
 
 def conv_block(x, filters, dropout):
     """conv 3x3 -> dropout -> conv 3x3, ELU and He initialisation, as every notebook block;
@@ -32,9 +37,9 @@ def build_unet(input_shape=None, recipe=None, steps=None, jit=None):
     """The notebook's U-Net (1,941,105 parameters at 128x128x3), compiled as the notebook does.
     The input shape defaults to config's image size, read at call time. Another recipe keeps the
     blocks and changes what is recipe data: the input (any size, its channels, already scaled
-    by data.native_input), the number of outputs, whether the blocks keep their dropout, the loss,
-    and the learning rate's schedule over `steps` training steps. `jit` is Keras' jit_compile;
-    by default device.py's choice for this machine."""
+    by data.native_input), the number of outputs, the blocks' width, whether they keep their
+    dropout, the loss, and the learning rate's schedule over `steps` training steps. `jit` is
+    Keras' jit_compile; by default device.py's choice for this machine."""
     recipe = recipe or config.RECIPES["notebook"]
     notebook = config.is_notebook(recipe)
     if input_shape is None:
@@ -44,13 +49,15 @@ def build_unet(input_shape=None, recipe=None, steps=None, jit=None):
     # Rescaling instead of the notebook's Lambda: the same x / 255, and it reloads in safe mode.
     x = layers.Rescaling(1 / 255)(inputs) if notebook else inputs
     keep = recipe["dropout"]  # the notebook's dropout rates, or none
+    width = recipe.get("filters", DOWN[0][0])
     skips = []
-    for filters, dropout in DOWN:
+    for filters, dropout in widened(DOWN, width):
         x = conv_block(x, filters, dropout if keep else 0)
         skips.append(x)
         x = layers.MaxPooling2D(2)(x)
-    x = conv_block(x, BOTTOM[0], BOTTOM[1] if keep else 0)
-    for (filters, dropout), skip in zip(UP, reversed(skips)):
+    (filters, dropout), = widened([BOTTOM], width)
+    x = conv_block(x, filters, dropout if keep else 0)
+    for (filters, dropout), skip in zip(widened(UP, width), reversed(skips)):
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
         x = layers.concatenate([x, skip])
         x = conv_block(x, filters, dropout if keep else 0)

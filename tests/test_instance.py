@@ -178,6 +178,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ("scales=[1,8]", "--set scales=[1, 8]: a list of input scales between 0.25 and 4"),
         ("scales=[]", "--set scales=[]: a list of input scales between 0.25 and 4"),
         ("gap_weight=0", "--set gap_weight=0: a positive weight of the gap target"),
+        ("filters=18", "--set filters=18: c1's filters, a multiple of 4 from 4 to 64"),
+        ("filters=0", "--set filters=0: c1's filters, a multiple of 4 from 4 to 64"),
     ]:
         with pytest.raises(SystemExit) as stop:
             train.main(["--recipe", "instance", "--set", setting, "--model-path",

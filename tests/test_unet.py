@@ -106,6 +106,22 @@ def test_dropout_is_recipe_data_and_holds_no_weights():
     assert with_dropout.count_params() == without.count_params() == 1_940_851
 
 
+def test_filters_widen_every_level_in_proportion():
+    """c1's filters 24 instead of 16: every convolution 1.5x as wide, so the weights of each
+    layer but the first and the last (one input channel, three outputs) grow 2.25x."""
+    import config
+
+    recipe = {**config.RECIPES["instance"], "filters": 24}
+    wide = unet.build_unet(recipe=recipe)
+    convolutions = [layer for layer in wide.layers
+                    if layer.__class__.__name__ in ("Conv2D", "Conv2DTranspose")]
+    assert [layer.filters for layer in convolutions] == [
+        24, 24, 48, 48, 96, 96, 192, 192, 384, 384,
+        192, 192, 192, 96, 96, 96, 48, 48, 48, 24, 24, 24, 3]
+    assert wide.count_params() == 4_365_483
+    assert unet.build_unet(recipe={**recipe, "filters": 16}).count_params() == 1_940_851
+
+
 def test_gap_weight_multiplies_the_cross_entropy_of_gap_pixels(tmp_path):
     y_true = np.zeros((1, 2, 2, 3), np.uint8)
     y_true[0, 0, 0] = (1, 1, 0)
