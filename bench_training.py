@@ -21,6 +21,8 @@ import train
 STREAM_BATCHES = 150
 STREAM_WARM_UP = 10
 STEPS = 10
+# The width bench_steps times beside the recipe's 16 (c1's filters).
+WIDE_FILTERS = 24
 # The prediction window timed, and its repeats.
 WINDOW = 1024
 WINDOW_REPEATS = 4
@@ -311,6 +313,15 @@ def bench_steps(X, Y, instance_batch, row):
             row("Steps", f"instance recipe, batch of {x.shape[0]} crops {x.shape[1]}x{x.shape[2]}, "
                 f"{policy}, {paths[jit]}{mark}", f"{seconds * 1e3:.0f} ms",
                 f"{x.shape[0] / seconds:.1f} crops/s")
+    # What capacity costs: the step of the recipe widened (`--set filters=24`) on train.py's path.
+    keras.mixed_precision.set_global_policy(train_path.policy)
+    keras.utils.set_random_seed(config.SEED)
+    wide = unet.build_unet(recipe={**recipe, "filters": WIDE_FILTERS}, steps=100,
+                           jit=train_path.jit)
+    seconds = time_steps(wide, x, y)
+    row("Steps", f"instance recipe, --set filters={WIDE_FILTERS} ({wide.count_params():,} "
+        f"parameters), {train_path.policy}, {paths[chosen['train'][1]]}",
+        f"{seconds * 1e3:.0f} ms", f"{seconds / steps[chosen['train']]:.2f}x the recipe's")
     keras.mixed_precision.set_global_policy("float32")
     model = unet.build_unet(recipe=recipe)
     for policy in policies:
