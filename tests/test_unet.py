@@ -107,8 +107,7 @@ def test_dropout_is_recipe_data_and_holds_no_weights():
 
 
 def test_filters_widen_every_level_in_proportion():
-    """c1's filters 24 instead of 16: every convolution 1.5x as wide, so the weights of each
-    layer but the first and the last (one input channel, three outputs) grow 2.25x."""
+    """c1's filters 24 instead of 16: every convolution but the output 1.5x as wide."""
     import config
 
     recipe = {**config.RECIPES["instance"], "filters": 24}
